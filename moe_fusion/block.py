@@ -1,0 +1,86 @@
+"""`MoEBlock`, the one structure that flows through the pipeline, and `Decline`, a family's "no, because".
+
+Families in `patterns/` fill an MoEBlock from a match; completeness checks, the rewrite, the proof, the
+report and lowering read it. Weights are numpy views of the graph's constants, oriented `[in, out]`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import openvino as ov
+
+from moe_fusion.reference import GEMM2_BIAS_SWIGLU_CLAMP, GEMM3_SWIGLU
+
+
+class Decline(Exception):
+    """A candidate that is not fused, with the reason and the node where matching stopped."""
+
+    def __init__(self, reason: str, node: ov.Node | None = None, router: ov.Node | None = None) -> None:
+        where = f" (at {node.get_type_name()} '{node.get_friendly_name()}')" if node is not None else ""
+        super().__init__(reason + where)
+        self.reason = reason + where
+        self.router = router
+
+
+@dataclass
+class Weight:
+    """One FusedExperts weight input: per-slot `[in, out]` arrays (biases `[out]`), storage type kept.
+
+    `convert_to` is the element type of the decompression Convert the original had (None: used as is)."""
+
+    parts: list[np.ndarray]
+    convert_to: ov.Type | None = None
+
+
+@dataclass
+class MoEBlock:
+    family: str
+    router: ov.Node  # the TopK selecting the experts
+    hidden: ov.Output  # [..., H]: what every expert reads
+    routing_weights: ov.Output  # [T, K]: the weight of each selected expert
+    topk_indices: ov.Output  # [T, K]
+    output: ov.Output  # the sum over experts, which FusedExperts replaces
+    num_experts: int  # E, from the router's width
+    expert_ids: list[int]  # the expert id of each slot in `weights`
+    weights: dict[str, Weight]  # FusedExperts weight name -> Weight, in input order
+    expert_type: str = GEMM3_SWIGLU
+    expert_alpha: float = 0.0
+    expert_beta: float = 1.0
+    gate_idx: int = 0
+    router_kind: str = "unknown"
+    shared_expert: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        """The router's module path, e.g. `__module.model.layers.3.mlp`."""
+        return self.router.get_friendly_name().rsplit("/aten::", 1)[0].rsplit("/", 1)[0]
+
+    @property
+    def top_k(self) -> int:
+        return self.topk_indices.get_partial_shape()[-1].get_length()
+
+    @property
+    def hidden_size(self) -> int:
+        return self.weights["w_down"].parts[0].shape[1]
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.weights["w_down"].parts[0].shape[0]
+
+    @property
+    def attributes(self) -> dict:
+        return {
+            "expert_type": self.expert_type,
+            "expert_alpha": self.expert_alpha,
+            "expert_beta": self.expert_beta,
+            "gate_idx": self.gate_idx,
+        }
+
+
+WEIGHT_NAMES = {
+    GEMM3_SWIGLU: ("w_gate", "w_up", "w_down"),
+    GEMM2_BIAS_SWIGLU_CLAMP: ("w_gate_up", "b_gate_up", "w_down", "b_down"),
+}

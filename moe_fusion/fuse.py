@@ -1,0 +1,130 @@
+"""The pipeline: find candidates -> match a family -> prove complete -> rewrite -> prove equal -> apply."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import openvino as ov
+
+from moe_fusion import catalogue, router
+from moe_fusion.block import WEIGHT_NAMES, Decline, MoEBlock
+from moe_fusion.prove import prove
+from moe_fusion.report import BlockReport, Report
+from moe_fusion.rewrite import apply, build
+
+Progress = Callable[[int, int], None]
+
+
+def _name(node: ov.Node) -> str:
+    return node.get_friendly_name().rsplit("/aten::", 1)[0].rsplit("/", 1)[0] if node is not None else "?"
+
+
+def _row(block: MoEBlock, status: str, reason: str = "") -> BlockReport:
+    return BlockReport(
+        name=block.name,
+        family=block.family,
+        status=status,
+        reason=reason,
+        expert_type=block.expert_type,
+        num_experts=block.num_experts,
+        top_k=block.top_k,
+        hidden=block.hidden_size,
+        intermediate=block.intermediate_size,
+        router=router.describe(block.routing_weights, block.topk_indices),
+        shared_expert=block.shared_expert,
+    )
+
+
+def completeness(block: MoEBlock) -> str:
+    """Why the block is not exactly experts 0..E-1 once each with agreeing shapes, or ''."""
+    ids, count = block.expert_ids, block.num_experts
+    missing = sorted(set(range(count)) - set(ids))
+    if missing:
+        return f"experts {missing} of {count} are missing from the graph (traced with a data-dependent loop?)"
+    if len(ids) != count or sorted(ids) != list(range(count)):
+        return f"expert ids {sorted(ids)} are not 0..{count - 1} exactly once"
+    if list(block.weights) != list(WEIGHT_NAMES[block.expert_type]):
+        return f"weights {list(block.weights)} do not fit {block.expert_type}"
+    for name, weight in block.weights.items():
+        shapes = {p.shape for p in weight.parts}
+        if len(shapes) != 1:
+            return f"experts' {name} shapes differ: {sorted(shapes)}"
+    if block.top_k > count:
+        return f"top-k {block.top_k} exceeds the {count} experts"
+    return ""
+
+
+def candidates(model: ov.Model, families) -> tuple[list[MoEBlock], list[BlockReport]]:
+    """Every family's blocks (one per router, first family wins) and near misses."""
+    blocks, misses, claimed = [], [], {}
+    for family in families:
+        for found in family.find(model):
+            if isinstance(found, Decline):
+                misses.append(BlockReport(_name(found.router), family.FAMILY, "skipped", found.reason))
+                continue
+            key = found.router.get_instance_id()
+            if key in claimed:
+                other = claimed[key]
+                misses.append(_row(found, "skipped", f"router already claimed by {other.family} block"))
+                continue
+            claimed[key] = found
+            blocks.append(found)
+    outputs: dict[tuple, MoEBlock] = {}
+    for block in blocks:
+        # Two blocks on one router would each need the other's experts: refuse both.
+        outputs.setdefault((block.output.get_node().get_instance_id(), block.output.get_index()), block)
+    fused_names = {b.name for b in blocks}
+    misses = [m for m in misses if m.name not in fused_names]
+    return blocks, misses
+
+
+def fuse(
+    model: ov.Model,
+    *,
+    patterns: Iterable[str | Path] = (),
+    verify: bool = True,
+    dry_run: bool = False,
+    progress: Progress | None = None,
+) -> Report:
+    """Fuse every MoE block of `model` in place into FusedExperts; return the report.
+
+    Blocks that are incomplete, or (with `verify`) not proven equivalent on their own, are left as they
+    were and reported as skipped with the reason. `dry_run` (what `inspect` does) changes nothing.
+    """
+    start = time.perf_counter()
+    families = catalogue.load(patterns)
+    blocks, misses = candidates(model, families)
+    report = Report(blocks=list(misses))
+    for done, block in enumerate(blocks, start=1):
+        reason = completeness(block)
+        if reason:
+            report.blocks.append(_row(block, "skipped", reason))
+        elif dry_run:
+            report.blocks.append(_row(block, "fusable"))
+        else:
+            report.blocks.append(_rewrite(block, verify))
+        if progress:
+            progress(done, len(blocks))
+    if not dry_run and report.fused:
+        model.validate_nodes_and_infer_types()
+    report.blocks.sort(key=lambda b: b.name)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _rewrite(block: MoEBlock, verify: bool) -> BlockReport:
+    try:
+        fused, replacement = build(block)
+    except ValueError as error:  # FusedExperts validation: shapes that do not fit the op
+        return _row(block, "skipped", str(error))
+    row = _row(block, "fused")
+    if verify:
+        proof = prove(block, fused, replacement)
+        row.max_abs_error, row.experts_covered = proof.max_abs_error, proof.experts_covered
+        if not proof.ok:
+            row.status, row.reason = "skipped", f"not proven equivalent: {proof.reason}"
+            return row
+    apply(block, replacement)
+    return row

@@ -1,0 +1,127 @@
+"""F1: the per-expert loop of transformers < 5 (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, PhiMoE), as
+optimum-intel 1.x exports it, one copy of the loop body per expert:
+
+    expert_mask = one_hot(selected_experts, num_classes=E).permute(2, 1, 0)
+    for e in range(E):
+        idx, top_x = torch.where(expert_mask[e])
+        current_state = hidden_states[None, top_x].reshape(-1, H)
+        current_hidden = expert[e](current_state) * routing_weights[top_x, idx, None]
+        final_hidden_states.index_add_(0, top_x, current_hidden)
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from moe_fusion.block import Decline, MoEBlock, Weight
+from moe_fusion.pattern import any_input, const, either, match, op, read_linear, reshaped, same, strip, swiglu_mlp
+
+FAMILY = "per_expert_loop"
+
+
+def expert_slot():
+    """One loop iteration, rooted at its index_add_ (a ScatterElementsUpdate/ScatterNDUpdate with sum)."""
+    one_hot = op("OneHot", reshaped(any_input("topk_indices")), const("num_experts"), const(), const())
+    expert_mask = op("Gather", op("Transpose", one_hot, const()), const("expert_id"), const())
+    nonzero = op("NonZero", reshaped(expert_mask))
+    where = either(op("Split", nonzero, const()), op("VariadicSplit", nonzero, const(), const()))
+    top_x = reshaped(where)
+    current_state = reshaped(op("Gather", reshaped(any_input("hidden")), top_x, const(), name="gather_tokens"))
+    routing = reshaped(op("Gather", reshaped(any_input("routing_weights")), any_input(), const()))
+    current_hidden = op("Multiply", swiglu_mlp(current_state), routing)
+    return either(
+        op(
+            "ScatterElementsUpdate",
+            any_input("accumulator"),
+            reshaped(any_input("scatter_index")),
+            reshaped(current_hidden),
+            const(),
+            name="index_add",
+        ),
+        op(
+            "ScatterNDUpdate",
+            any_input("accumulator"),
+            reshaped(any_input("scatter_index")),
+            reshaped(current_hidden),
+            name="index_add",
+        ),
+    )
+
+
+def find(model):
+    """Yield one MoEBlock per router whose loop copies all match, or a Decline saying what is off."""
+    pattern = expert_slot()
+    slots = defaultdict(list)
+    for node in model.get_ordered_ops():
+        if node.get_type_name() in ("ScatterElementsUpdate", "ScatterNDUpdate"):
+            values = match(pattern, node.output(0))
+            if values is not None:
+                slots[strip(values["topk_indices"]).get_node().get_instance_id()].append(values)
+    for group in slots.values():
+        try:
+            yield _block(group)
+        except Decline as decline:
+            yield decline
+
+
+def _block(group: list[dict]) -> MoEBlock:
+    first = group[0]
+    router = strip(first["topk_indices"]).get_node()  # a TopK, or PhiMoE's sparsemixer Concat
+    if strip(first["topk_indices"]).get_partial_shape().rank.get_length() != 2:
+        raise Decline("selected experts are not a [tokens, top_k] tensor", router)
+    for values in group:
+        # top_x must index both the tokens gathered and the rows accumulated into
+        token_index = values["gather_tokens"].get_node().input_value(1)
+        if not same(strip(token_index), strip(values["scatter_index"])):
+            raise Decline("index_add_ rows differ from the gathered tokens", values["index_add"].get_node(), router)
+        for key in ("hidden", "routing_weights"):
+            if not same(strip(values[key]), strip(first[key])):
+                raise Decline(f"experts read different {key}", values["index_add"].get_node(), router)
+        scatter = values["index_add"].get_node()
+        if scatter.get_type_name() == "ScatterElementsUpdate" and scatter.get_attributes()["reduction"] != "sum":
+            raise Decline("scatter does not accumulate (reduction != sum)", scatter, router)
+
+    # The loop copies form one chain: each index_add_ accumulates into the previous one's result.
+    outputs = {v["index_add"].get_node().get_instance_id(): v for v in group}
+    accumulated = {v["accumulator"].get_node().get_instance_id() for v in group}
+    last = [v for k, v in outputs.items() if k not in accumulated]
+    if len(last) != 1:
+        raise Decline(f"expert index_add_ ops form {len(last)} chains, expected one", router, router)
+    chain, values = [], last[0]
+    while values is not None:
+        chain.append(values)
+        values = outputs.get(values["accumulator"].get_node().get_instance_id())
+    if len(chain) != len(group):
+        raise Decline("expert index_add_ ops do not form one chain", router, router)
+    chain.reverse()
+
+    parts: dict[str, list] = {"w_gate": [], "w_up": [], "w_down": []}
+    convert: dict[str, object] = {}
+    betas: set[float] = set()
+    for values in chain:
+        for name, key in (("w_gate", "gate"), ("w_up", "up"), ("w_down", "down")):
+            try:
+                array, convert_to = read_linear(values, key)
+            except ValueError as error:
+                raise Decline(str(error), values[key + "_matmul"].get_node(), router) from None
+            parts[name].append(array)
+            if convert.setdefault(name, convert_to) != convert_to:
+                raise Decline(
+                    f"experts' {name} weights differ in precision", values[key + "_matmul"].get_node(), router
+                )
+        betas.add(float(values["swish_beta"].get_node().get_data()) if "swish_beta" in values else 1.0)
+    if len(betas) != 1:
+        raise Decline(f"experts' Swish betas differ: {sorted(betas)}", router, router)
+
+    return MoEBlock(
+        family=FAMILY,
+        router=router,
+        hidden=strip(first["hidden"]),
+        routing_weights=strip(first["routing_weights"]),
+        topk_indices=strip(first["topk_indices"]),
+        output=chain[-1]["index_add"],
+        num_experts=int(first["num_experts"].get_node().get_data()),
+        expert_ids=[int(v["expert_id"].get_node().get_data()) for v in chain],
+        weights={name: Weight(parts[name], convert[name]) for name in parts},
+        expert_beta=betas.pop(),
+    )
