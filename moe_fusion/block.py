@@ -64,11 +64,11 @@ class MoEBlock:
 
     @property
     def hidden_size(self) -> int:
-        return self.weights["w_down"].parts[0].shape[1]
+        return self.weights["w_down"].parts[0].shape[-1]  # [I, H] per expert or [E, I, H] stacked
 
     @property
     def intermediate_size(self) -> int:
-        return self.weights["w_down"].parts[0].shape[0]
+        return self.weights["w_down"].parts[0].shape[-2]
 
     @property
     def attributes(self) -> dict:

@@ -2,12 +2,104 @@
 
 from __future__ import annotations
 
+import functools
+import sys
+from pathlib import Path
+
 import click
 
 from moe_fusion import __version__
+from moe_fusion.catalogue import CatalogueError
+from moe_fusion.fuse import fuse
+from moe_fusion.io import InputError, check_output, load, save
+
+BAD_INPUT = 2
+
+
+def one_line_errors(command):
+    """Bad input: one line on stderr and exit 2; anything unexpected: one line and exit 1. No tracebacks."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except (InputError, CatalogueError) as error:
+            click.echo(f"moe-fusion: {error}", err=True)
+            sys.exit(BAD_INPUT)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except Exception as error:  # the promise to users is one line, never a traceback
+            click.echo(f"moe-fusion: internal error: {type(error).__name__}: {str(error).splitlines()[0]}", err=True)
+            sys.exit(1)
+
+    return wrapper
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="moe-fusion")
 def main() -> None:
     """Find, fuse, verify and lower Mixture-of-Experts layers in OpenVINO models."""
+
+
+patterns_option = click.option(
+    "--patterns",
+    "patterns",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="Folder of extra pattern modules (repeatable).",
+)
+
+
+@main.command("fuse")
+@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Fused model (.xml or folder).")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the JSON report here.")
+@patterns_option
+@click.option("--no-verify", is_flag=True, help="Skip the per-block numerical proof.")
+@click.option("--force", is_flag=True, help="Overwrite an existing OUTPUT.")
+@click.option("--in-place", is_flag=True, help="Allow OUTPUT to be INPUT.")
+@one_line_errors
+def fuse_command(input_path, output, report_path, patterns, no_verify, force, in_place) -> None:
+    """Rewrite every MoE block of INPUT (IR .xml, .onnx or optimum-intel folder) into FusedExperts."""
+    if not input_path.is_dir() and output.suffix != ".xml":
+        raise InputError(f"{output}: OUTPUT for a model file must be an IR .xml path")
+    check_output(input_path, output, force=force, in_place=in_place)
+    model = load(input_path)
+    with click.progressbar(length=1, label="fusing", file=sys.stderr) as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.length = total
+            bar.update(done - bar.pos)
+
+        report = fuse(model, patterns=patterns, verify=not no_verify, progress=progress)
+    save(model, input_path, output)
+    _print(report, report_path)
+    fused = len(report.fused)
+    click.echo(
+        f"{fused} block{'s' * (fused != 1)} fused, {len(report.skipped)} skipped -> {output}"
+        if report.blocks
+        else f"no MoE blocks found in {input_path}; wrote it unchanged -> {output}"
+    )
+
+
+@main.command("inspect")
+@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
+@patterns_option
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON report instead of the table.")
+@one_line_errors
+def inspect_command(input_path, patterns, as_json) -> None:
+    """List the MoE blocks INPUT has, which would fuse and why the others would not. Writes nothing."""
+    report = fuse(load(input_path), patterns=patterns, dry_run=True)
+    if as_json:
+        click.echo(report.to_json())
+    elif report.blocks:
+        click.echo(report.table())
+    else:
+        click.echo(f"no MoE blocks found in {input_path}")
+
+
+def _print(report, report_path: Path | None) -> None:
+    if report.blocks:
+        click.echo(report.table())
+    if report_path:
+        report_path.write_text(report.to_json())

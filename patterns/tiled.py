@@ -1,0 +1,83 @@
+"""F2: the tiled (vectorised) block: every expert runs on every token against stacked weights, and a
+dense routing matrix zeroes the unselected ones. optimum-intel 1.x emits it for Qwen3-MoE with
+norm_topk_prob=True (via OpenVINO's conversion-time fusion), optimum-intel 2.x with transformers 5 for
+most MoE models:
+
+    x = hidden_states.reshape(-1, H).repeat(E, 1).view(E, -1, H)
+    y = down_proj(act(gate_proj(x)) * up_proj(x))                    # batched over E, [E, T, H]
+    dense = zeros(T, E).scatter(1, selected_experts, routing_weights)  # [T, E]
+    out = (y.view(E, T, ..., H) * dense.T.view(E, T, ..., 1)).sum(0)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from moe_fusion.block import Decline, MoEBlock, Weight
+from moe_fusion.pattern import any_input, const, match, op, read_linear, reshaped, strip, swiglu_mlp
+
+FAMILY = "tiled"
+
+
+def tiled_block():
+    tiled = reshaped(op("Tile", reshaped(any_input("hidden")), any_input()))
+    experts_out = reshaped(swiglu_mlp(tiled))
+    dense = op(
+        "ScatterElementsUpdate",
+        any_input(),
+        reshaped(any_input("topk_indices")),
+        reshaped(any_input("routing_weights")),
+        const("scatter_axis"),
+        name="dense_routing",
+    )
+    routing = reshaped(op("Transpose", dense, const()))
+    return op("ReduceSum", op("Multiply", experts_out, routing), const("sum_axis"), name="sum")
+
+
+def find(model):
+    pattern = tiled_block()
+    for node in model.get_ordered_ops():
+        if node.get_type_name() == "ReduceSum":
+            values = match(pattern, node.output(0))
+            if values is not None:
+                try:
+                    yield _block(values)
+                except Decline as decline:
+                    yield decline
+
+
+def _block(values: dict) -> MoEBlock:
+    router = strip(values["topk_indices"]).get_node()
+    if router.get_type_name() != "TopK":
+        raise Decline("dense routing is not scattered from a TopK's indices", router)
+    if int(np.asarray(values["scatter_axis"].get_node().get_data()).reshape(-1)[0]) not in (1, -1):
+        raise Decline("routing is not scattered along the expert axis", values["dense_routing"].get_node(), router)
+    weights, num = {}, set()
+    for name, key in (("w_gate", "gate"), ("w_up", "up"), ("w_down", "down")):
+        array, convert_to = read_linear(values, key)
+        if array.ndim != 3:
+            raise Decline(f"{key} weights are not stacked per expert", values[key + "_matmul"].get_node(), router)
+        weights[name] = Weight([array], convert_to)
+        num.add(array.shape[0])
+    if len(num) != 1:
+        raise Decline(f"stacked weights disagree on the expert count: {sorted(num)}", router, router)
+    beta = float(values["swish_beta"].get_node().get_data()) if "swish_beta" in values else 1.0
+
+    # The module's output is the Reshape of the sum back to the input's shape, when there is one.
+    total = values["sum"]
+    consumers = list(total.get_target_inputs())
+    output = total
+    if len(consumers) == 1 and consumers[0].get_node().get_type_name() == "Reshape":
+        output = consumers[0].get_node().output(0)
+    return MoEBlock(
+        family=FAMILY,
+        router=router,
+        hidden=strip(values["hidden"]),
+        routing_weights=strip(values["routing_weights"]),
+        topk_indices=strip(values["topk_indices"]),
+        output=output,
+        num_experts=router.input_value(0).get_partial_shape()[-1].get_length(),
+        expert_ids=list(range(num.pop())),
+        weights=weights,
+        expert_beta=beta,
+    )
