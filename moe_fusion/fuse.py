@@ -128,3 +128,16 @@ def _rewrite(block: MoEBlock, verify: bool) -> BlockReport:
             return row
     apply(block, replacement)
     return row
+
+
+class FuseMoE(ov.passes.ModelPass):
+    """`fuse` as an `openvino.passes` pass: `manager.register_pass(FuseMoE())`; the report is kept."""
+
+    def __init__(self, *, patterns: Iterable[str | Path] = (), verify: bool = True) -> None:
+        super().__init__()
+        self.patterns, self.verify = list(patterns), verify
+        self.report: Report | None = None
+
+    def run_on_model(self, model: ov.Model) -> bool:
+        self.report = fuse(model, patterns=self.patterns, verify=self.verify)
+        return bool(self.report.fused)

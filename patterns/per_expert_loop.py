@@ -81,6 +81,13 @@ def _block(group: list[dict]) -> MoEBlock:
         if scatter.get_type_name() == "ScatterElementsUpdate" and scatter.get_attributes()["reduction"] != "sum":
             raise Decline("scatter does not accumulate (reduction != sum)", scatter, router)
 
+    num_experts = int(first["num_experts"].get_node().get_data())
+    missing = sorted(set(range(num_experts)) - {int(v["expert_id"].get_node().get_data()) for v in group})
+    if missing:
+        raise Decline(
+            f"experts {missing} of {num_experts} are missing or do not match the SwiGLU expert pattern", router, router
+        )
+
     # The loop copies form one chain: each index_add_ accumulates into the previous one's result.
     outputs = {v["index_add"].get_node().get_instance_id(): v for v in group}
     accumulated = {v["accumulator"].get_node().get_instance_id() for v in group}
@@ -120,7 +127,7 @@ def _block(group: list[dict]) -> MoEBlock:
         routing_weights=strip(first["routing_weights"]),
         topk_indices=strip(first["topk_indices"]),
         output=chain[-1]["index_add"],
-        num_experts=int(first["num_experts"].get_node().get_data()),
+        num_experts=num_experts,
         expert_ids=[int(v["expert_id"].get_node().get_data()) for v in chain],
         weights={name: Weight(parts[name], convert[name]) for name in parts},
         expert_beta=betas.pop(),
