@@ -47,9 +47,9 @@ def find(model):
 
 
 def _block(values: dict) -> MoEBlock:
-    router = strip(values["topk_indices"]).get_node()
-    if router.get_type_name() != "TopK":
-        raise Decline("dense routing is not scattered from a TopK's indices", router)
+    router = strip(values["topk_indices"]).get_node()  # a TopK, or PhiMoE's sparsemixer Concat
+    if strip(values["topk_indices"]).get_partial_shape().rank.get_length() != 2:
+        raise Decline("selected experts are not a [tokens, top_k] tensor", router)
     if int(np.asarray(values["scatter_axis"].get_node().get_data()).reshape(-1)[0]) not in (1, -1):
         raise Decline("routing is not scattered along the expert axis", values["dense_routing"].get_node(), router)
     weights, num = {}, set()
@@ -76,8 +76,13 @@ def _block(values: dict) -> MoEBlock:
         routing_weights=strip(values["routing_weights"]),
         topk_indices=strip(values["topk_indices"]),
         output=output,
-        num_experts=router.input_value(0).get_partial_shape()[-1].get_length(),
+        num_experts=_router_width(values["dense_routing"]),
         expert_ids=list(range(num.pop())),
         weights=weights,
         expert_beta=beta,
     )
+
+
+def _router_width(dense_routing) -> int:
+    """E as the router sees it: the width of the dense [T, E] routing matrix."""
+    return dense_routing.get_partial_shape()[-1].get_length()
