@@ -69,9 +69,11 @@ def check_output(source: str | Path, target: str | Path, *, force: bool = False,
             raise InputError(f"{target}: output is the input; pass --in-place to overwrite it")
     elif target.exists() and not force:
         raise InputError(f"{target}: already exists; pass --force to overwrite it")
-    parent = target.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise InputError(f"{parent}: output folder does not exist or is not writable")
+    existing = target.parent
+    while not existing.exists():  # missing folders are created on save
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise InputError(f"{existing}: output folder is not writable")
 
 
 def save(model: ov.Model, source: str | Path, target: str | Path) -> Path:
@@ -82,6 +84,7 @@ def save(model: ov.Model, source: str | Path, target: str | Path) -> Path:
     """
     source, target = Path(source), Path(target)
     folder = source.is_dir()
+    target.resolve().parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.resolve().parent))
     try:
         if folder:

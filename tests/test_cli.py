@@ -55,11 +55,18 @@ def test_fuse_folder_writes_a_usable_folder_and_report(tmp_path):
     ).stat().st_size
 
 
-def test_fuse_xml_to_xml(tmp_path):
-    code, _out, err = run("fuse", FIXTURE / "openvino_model.xml", "-o", tmp_path / "m.xml", "--no-verify")
+def test_fuse_xml_to_xml_creating_folders(tmp_path):
+    out = tmp_path / "new" / "dir" / "m.xml"
+    code, _out, err = run("fuse", FIXTURE / "openvino_model.xml", "-o", out, "--no-verify")
     assert code == 0, err
-    assert (tmp_path / "m.xml").is_file() and (tmp_path / "m.bin").is_file()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left behind
+    assert out.is_file() and out.with_suffix(".bin").is_file()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no staging left behind
+
+
+def test_unwritable_output_path(tmp_path):
+    (tmp_path / "a_file").write_text("not a folder")  # works as root too, unlike permission bits
+    code, _out, err = run("fuse", FIXTURE, "-o", tmp_path / "a_file" / "out")
+    assert code == 2 and "not writable" in err and err.count("\n") == 1
 
 
 def test_inspect_lists_blocks_and_writes_nothing(tmp_path):
