@@ -71,10 +71,6 @@ def candidates(model: ov.Model, families) -> tuple[list[MoEBlock], list[BlockRep
                 continue
             claimed[key] = found
             blocks.append(found)
-    outputs: dict[tuple, MoEBlock] = {}
-    for block in blocks:
-        # Two blocks on one router would each need the other's experts: refuse both.
-        outputs.setdefault((block.output.get_node().get_instance_id(), block.output.get_index()), block)
     fused_names = {b.name for b in blocks}
     misses = [m for m in misses if m.name not in fused_names]
     return blocks, misses
