@@ -14,6 +14,13 @@ import openvino as ov
 from moe_fusion.reference import GEMM2_BIAS_SWIGLU_CLAMP, GEMM3_SWIGLU
 
 
+def module_path(node: ov.Node | None) -> str:
+    """The exporter's module path of a node, e.g. `__module.model.layers.3.mlp` for its router TopK."""
+    if node is None:
+        return "?"
+    return node.get_friendly_name().rsplit("/aten::", 1)[0].rsplit("/", 1)[0]
+
+
 class Decline(Exception):
     """A candidate that is not fused, with the reason and the node where matching stopped."""
 
@@ -56,7 +63,7 @@ class MoEBlock:
     @property
     def name(self) -> str:
         """The router's module path, e.g. `__module.model.layers.3.mlp`."""
-        return self.router.get_friendly_name().rsplit("/aten::", 1)[0].rsplit("/", 1)[0]
+        return module_path(self.router)
 
     @property
     def top_k(self) -> int:

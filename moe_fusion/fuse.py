@@ -9,16 +9,12 @@ from pathlib import Path
 import openvino as ov
 
 from moe_fusion import catalogue, router
-from moe_fusion.block import WEIGHT_NAMES, Decline, MoEBlock
+from moe_fusion.block import WEIGHT_NAMES, Decline, MoEBlock, module_path
 from moe_fusion.prove import prove
 from moe_fusion.report import BlockReport, Report
 from moe_fusion.rewrite import apply, build
 
 Progress = Callable[[int, int], None]
-
-
-def _name(node: ov.Node) -> str:
-    return node.get_friendly_name().rsplit("/aten::", 1)[0].rsplit("/", 1)[0] if node is not None else "?"
 
 
 def _row(block: MoEBlock, status: str, reason: str = "") -> BlockReport:
@@ -62,7 +58,7 @@ def candidates(model: ov.Model, families) -> tuple[list[MoEBlock], list[BlockRep
     for family in families:
         for found in family.find(model):
             if isinstance(found, Decline):
-                misses.append(BlockReport(_name(found.router), family.FAMILY, "skipped", found.reason))
+                misses.append(BlockReport(module_path(found.router), family.FAMILY, "skipped", found.reason))
                 continue
             key = found.router.get_instance_id()
             if key in claimed:
