@@ -10,10 +10,14 @@ from moe_fusion.block import MoEBlock, Weight
 from moe_fusion.op import FusedExperts
 
 
-def stacked(weight: Weight, order: list[int]) -> ov.Output:
-    """One constant holding every expert's part in `order`, behind the original's decompression Convert."""
+def stacked(weight: Weight, order: list[int], rank: int = 2) -> ov.Output:
+    """One constant holding every expert's part in `order`, behind the original's decompression Convert.
+
+    `rank` is a part's rank per expert (2: `[in, out]` matrix, 1: `[out]` bias); a single part one rank
+    higher is already stacked `[E, ...]` (tiled families) and kept as it is."""
     parts = weight.parts
-    array = parts[0] if len(parts) == 1 and parts[0].ndim == 3 else np.stack([parts[i] for i in order])
+    already = len(parts) == 1 and parts[0].ndim == rank + 1
+    array = parts[0] if already else np.stack([parts[i] for i in order])
     # Constant() needs C-contiguous data: a strided f16 view would silently become i16.
     node = ops.constant(np.ascontiguousarray(array))
     return node.output(0) if weight.convert_to is None else ops.convert(node, weight.convert_to).output(0)
@@ -22,7 +26,8 @@ def stacked(weight: Weight, order: list[int]) -> ov.Output:
 def build(block: MoEBlock) -> tuple[FusedExperts, ov.Output]:
     """The FusedExperts for `block` and the value that replaces `block.output` (not yet connected)."""
     order = list(np.argsort(block.expert_ids, kind="stable"))
-    weights = [stacked(w, order) for w in block.weights.values()]
+    # Biases (b_gate_up, b_down) are [out] per expert, matrices [in, out].
+    weights = [stacked(w, order, 1 if name.startswith("b_") else 2) for name, w in block.weights.items()]
     fused = FusedExperts(block.hidden, block.routing_weights, block.topk_indices, *weights, **block.attributes)
     fused.set_friendly_name(block.name + "/FusedExperts")
     replacement = fused.output(0)
