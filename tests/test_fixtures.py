@@ -23,6 +23,9 @@ ROUTER_OPS = {
     "gen1-deepseekv3": {"ScatterElementsUpdate": 2},
     "gen1-phimoe": {"ScatterElementsUpdate": 2},
     "gen2-phimoe": {"ScatterElementsUpdate": 2},
+    # GraniteMoE's router counts slots per expert by scattering ones into [T, E].
+    "gen1-granitemoe": {"ScatterElementsUpdate": 2},
+    "gen2-granitemoe": {"ScatterElementsUpdate": 2},
 }
 
 # fixture -> (family, MoE layers, config keys for E, K, intermediate)
@@ -34,11 +37,13 @@ FUSES = {
     "gen1-olmoe": ("per_expert_loop", 2, "num_experts", "num_experts_per_tok", "intermediate_size"),
     "gen1-phimoe": ("per_expert_loop", 2, "num_local_experts", "num_experts_per_tok", "intermediate_size"),
     "gen1-deepseekv3": ("per_expert_loop", None, "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size"),
+    "gen1-granitemoe": ("sort_and_slice", 2, "num_local_experts", "num_experts_per_tok", "intermediate_size"),
     "convert-olmoe-block": ("per_expert_loop", 1, "num_experts", "num_experts_per_tok", "intermediate_size"),
     "gen2-mixtral": ("tiled", 2, "num_local_experts", "num_experts_per_tok", "intermediate_size"),
     "gen2-qwen2moe": ("tiled", 2, "num_experts", "num_experts_per_tok", "moe_intermediate_size"),
     "gen2-qwen3moe": ("tiled", 2, "num_local_experts", "num_experts_per_tok", "moe_intermediate_size"),
     "gen2-qwen3moe-norm": ("tiled", 2, "num_local_experts", "num_experts_per_tok", "moe_intermediate_size"),
+    "gen2-granitemoe": ("sort_and_slice", 2, "num_local_experts", "num_experts_per_tok", "intermediate_size"),
     "gen2-phimoe": ("tiled", 2, "num_local_experts", "num_experts_per_tok", "intermediate_size"),
 }
 
