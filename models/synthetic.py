@@ -180,3 +180,52 @@ def unfused_model(
         weighted = ops.multiply(y, ops.slice(dense, [e], [e + 1], [1], [1]))
         total = weighted if total is None else ops.add(total, weighted)
     return ov.Model([total.output(0)], params, "unfused_experts")
+
+
+@dataclass
+class LogitsRouter:
+    """GPT-OSS's router: top-k on `x @ weight + bias`, then softmax over the k values; `weight` is `[H, E]`."""
+
+    weight: np.ndarray
+    bias: np.ndarray
+    top_k: int
+
+    def build(self, hidden: ov.Output) -> tuple[ov.Output, ov.Output]:
+        logits = ops.add(ops.matmul(hidden, _const(self.weight), False, False), _const(self.bias))
+        topk = ops.topk(logits, self.top_k, -1, "max", "value", "i64")
+        return ops.softmax(topk.output(0), -1).output(0), topk.output(1)
+
+    def select(self, x: np.ndarray) -> np.ndarray:
+        """The experts it picks for rows `x` [T, H], as numpy: [T, K] indices."""
+        return np.argsort(-(x @ self.weight + self.bias), axis=-1, kind="stable")[:, : self.top_k]
+
+
+def tiled_gptoss_model(experts: Experts, router: LogitsRouter, transpose_b: bool = True) -> ov.Model:
+    """GEMM2 experts in the tiled form optimum-intel exports for GPT-OSS (`patterns/gptoss.py`): every
+    expert on every token, stacked weights, lanes cut by stride-2 Slices, routing scattered into a dense
+    `[T, E]`. `transpose_b` stores weights `[E, out, in]` as OpenVINO's conversion leaves them when the
+    biases survive; all-zero biases get no Add at all, as at export."""
+    w_gate_up, b_gate_up, w_down, b_down = experts.weights
+    e, h = experts.num_experts, experts.hidden_size
+    limit, lane = experts.expert_alpha, experts.gate_idx
+    hidden = ops.parameter([-1, h], np.float32, name="hidden_states")
+    routing, indices = router.build(hidden.output(0))
+
+    def bmm(x, w: np.ndarray, b: np.ndarray):
+        stored = np.swapaxes(w, -1, -2) if transpose_b else w
+        y = ops.matmul(x, _const(stored), False, transpose_b)
+        return y if not b.any() else ops.add(y, _const(b[:, None, :]))
+
+    x = ops.reshape(ops.tile(hidden, [e, 1]), [e, -1, h], False)
+    gate_up = bmm(x, w_gate_up, b_gate_up)
+    end = np.iinfo(np.int64).max
+    gate = ops.minimum(ops.slice(gate_up, [lane], [end], [2], [2]), np.array(limit, np.float32))
+    up = ops.clamp(ops.slice(gate_up, [1 - lane], [end], [2], [2]), -limit, limit)
+    glu = ops.swish(gate, np.array(experts.expert_beta, np.float32))
+    y = bmm(ops.multiply(ops.add(up, np.array(1, np.float32)), glu), w_down, b_down)  # [E, T, H]
+
+    tokens = ops.gather(ops.shape_of(hidden), [0], 0)
+    zeros = ops.broadcast(np.array(0, np.float32), ops.concat([tokens, _const(np.array([e]))], 0))  # [T, E]
+    dense = ops.scatter_elements_update(zeros, indices, routing, 1)  # [T, E]
+    weighted = ops.multiply(y, ops.unsqueeze(ops.transpose(dense, [1, 0]), -1))
+    return ov.Model([ops.reduce_sum(weighted, 0, False).output(0)], [hidden], "tiled_gptoss")
