@@ -58,6 +58,8 @@ class MoEBlock:
     gate_idx: int = 0
     router_kind: str = "unknown"
     shared_expert: bool = False
+    # Llama-4: the routing weight scales the experts' input, not their output (exact for top-1 only).
+    weights_on_input: bool = False
     notes: list[str] = field(default_factory=list)
 
     @property

@@ -10,6 +10,7 @@ import openvino as ov
 
 from moe_fusion import catalogue, router
 from moe_fusion.block import WEIGHT_NAMES, Decline, MoEBlock, module_path
+from moe_fusion.pattern import same
 from moe_fusion.prove import prove
 from moe_fusion.report import BlockReport, Report
 from moe_fusion.rewrite import apply, build
@@ -53,20 +54,26 @@ def completeness(block: MoEBlock) -> str:
 
 
 def candidates(model: ov.Model, families) -> tuple[list[MoEBlock], list[BlockReport]]:
-    """Every family's blocks (one per router, first family wins) and near misses."""
-    blocks, misses, claimed = [], [], {}
+    """Every family's blocks and near misses. A block is claimed by the first family that finds it; a
+    router driving two different blocks is declined for both (no MoE model does that: a mis-match)."""
+    found_by_router: dict[int, list[MoEBlock]] = {}
+    misses = []
     for family in families:
         for found in family.find(model):
             if isinstance(found, Decline):
                 misses.append(BlockReport(module_path(found.router), family.FAMILY, "skipped", found.reason))
                 continue
-            key = found.router.get_instance_id()
-            if key in claimed:
-                other = claimed[key]
-                misses.append(_row(found, "skipped", f"router already claimed by {other.family} block"))
-                continue
-            claimed[key] = found
-            blocks.append(found)
+            claimed = found_by_router.setdefault(found.router.get_instance_id(), [])
+            if not any(same(found.output, other.output) for other in claimed):
+                claimed.append(found)
+    blocks = []
+    for group in found_by_router.values():
+        if len(group) == 1:
+            blocks.extend(group)
+            continue
+        outputs = ", ".join(f"'{b.output.get_node().get_friendly_name()}'" for b in group)
+        for block in group:
+            misses.append(_row(block, "skipped", f"its router drives {len(group)} expert blocks ({outputs})"))
     fused_names = {b.name for b in blocks}
     misses = [m for m in misses if m.name not in fused_names]
     return blocks, misses

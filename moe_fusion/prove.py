@@ -83,10 +83,22 @@ def _block_nodes(block: MoEBlock) -> tuple[set[int], list[ov.Output]]:
     return inside, list(shape_only.values())
 
 
+def _new_nodes(replacement: ov.Output, inside: set[int], hidden: tuple[int, int]) -> set[int]:
+    """The rewrite's nodes (FusedExperts and any it reads besides the block's own values)."""
+    new, stack = set(), [replacement.get_node()]
+    while stack:
+        node = stack.pop()
+        if node.get_instance_id() in inside or node.get_instance_id() in new:
+            continue
+        new.add(node.get_instance_id())
+        stack.extend(v.get_node() for v in node.input_values() if _key(v) != hidden)
+    return new
+
+
 def submodels(block: MoEBlock, fused: ov.Node, replacement: ov.Output) -> tuple[ov.Model, ov.Model]:
     """(original block, fused block) as standalone models with inputs hidden + shape-only values."""
     inside, shape_only = _block_nodes(block)
-    inside.add(fused.get_instance_id())
+    inside |= _new_nodes(replacement, inside, _key(block.hidden))
     rewired = []
     params = []
     for value in [block.hidden, *shape_only]:

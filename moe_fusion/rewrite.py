@@ -28,10 +28,16 @@ def build(block: MoEBlock) -> tuple[FusedExperts, ov.Output]:
     order = list(np.argsort(block.expert_ids, kind="stable"))
     # Biases (b_gate_up, b_down) are [out] per expert, matrices [in, out].
     weights = [stacked(w, order, 1 if name.startswith("b_") else 2) for name, w in block.weights.items()]
-    fused = FusedExperts(block.hidden, block.routing_weights, block.topk_indices, *weights, **block.attributes)
+    hidden, routing = block.hidden, block.routing_weights
+    if block.weights_on_input:
+        # expert(w * x) with top-1 is FusedExperts on the scaled input with unit routing weights.
+        hidden = ops.multiply(ops.reshape(hidden, [-1, block.hidden_size], False), routing).output(0)
+        one = ops.constant(np.ones((), routing.get_element_type().to_dtype()))
+        routing = ops.broadcast(one, ops.shape_of(routing)).output(0)
+    fused = FusedExperts(hidden, routing, block.topk_indices, *weights, **block.attributes)
     fused.set_friendly_name(block.name + "/FusedExperts")
     replacement = fused.output(0)
-    if block.output.get_partial_shape().rank != block.hidden.get_partial_shape().rank:
+    if block.output.get_partial_shape().rank != hidden.get_partial_shape().rank:
         # The sum was [T, H] while the experts read [..., H]: flatten the same way.
         replacement = ops.reshape(replacement, [-1, block.hidden_size], False).output(0)
     return fused, replacement

@@ -38,6 +38,7 @@ FUSES = {
     "gen1-phimoe": ("per_expert_loop", 2, "num_local_experts", "num_experts_per_tok", "intermediate_size"),
     "gen1-deepseekv3": ("per_expert_loop", None, "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size"),
     "gen1-granitemoe": ("sort_and_slice", 2, "num_local_experts", "num_experts_per_tok", "intermediate_size"),
+    "gen1-llama4": ("llama4", 2, "num_local_experts", "num_experts_per_tok", "intermediate_size"),
     "convert-olmoe-block": ("per_expert_loop", 1, "num_experts", "num_experts_per_tok", "intermediate_size"),
     "gen2-mixtral": ("tiled", 2, "num_local_experts", "num_experts_per_tok", "intermediate_size"),
     "gen2-qwen2moe": ("tiled", 2, "num_experts", "num_experts_per_tok", "moe_intermediate_size"),

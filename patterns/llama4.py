@@ -1,0 +1,134 @@
+"""F6: Llama-4's MoE, where the routing weight scales the experts' *input* (transformers Llama4TextMoe):
+
+    top_value, top_index = router_logits.topk(1)
+    scores = full_like(router_logits, -inf).scatter(1, top_index, top_value).sigmoid()    # [T, E]
+    routed_in = hidden_states.repeat(E, 1) * scores.T.reshape(-1, 1)
+    gate, up = (routed_in.view(E, -1, H) @ gate_up_proj).chunk(2, dim=-1)               # [E, H, 2I]
+    out = ((up * act(gate)) @ down_proj).view(E, -1, H).sum(0)                        # + shared expert
+
+FusedExperts scales the experts' *output*. Because a bias-free SwiGLU expert maps 0 to 0, unselected
+experts (score sigmoid(-inf) = 0) contribute nothing, and with top-1 each token has one expert:
+`out[t] = expert_i(s_t * x_t)`. So the block fuses exactly as FusedExperts(x * s, routing weights 1): the
+block sets `weights_on_input`. With top-k > 1 no FusedExperts computes it, and the block is declined.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import openvino.opset14 as ops
+
+from moe_fusion.block import Decline, MoEBlock, Weight
+from moe_fusion.pattern import any_input, const, match, op, read_linear, reshaped, same, strip, swish, weight
+
+FAMILY = "llama4"
+
+
+def llama4_block():
+    scattered = op(
+        "ScatterElementsUpdate",
+        reshaped(any_input("fill")),
+        reshaped(any_input("topk_indices")),
+        any_input("topk_values"),
+        const("scatter_axis"),
+        name="scatter",
+    )
+    scores = reshaped(op("Transpose", op("Sigmoid", scattered), const("perm")))
+    routed_in = op("Multiply", op("Tile", reshaped(any_input("hidden")), const("repeats")), scores)
+    gate_up = op("MatMul", reshaped(routed_in), weight("gate_up"), name="gate_up_matmul")
+    chunks = op("VariadicSplit", gate_up, const("chunk_axis"), any_input(), name="chunks")
+    experts = op("MatMul", op("Multiply", chunks, swish(chunks), name="act"), weight("down"), name="down_matmul")
+    return op("ReduceSum", reshaped(experts), const("sum_axis"), name="sum")
+
+
+def find(model):
+    pattern = llama4_block()
+    for node in model.get_ordered_ops():
+        if node.get_type_name() == "ReduceSum":
+            values = match(pattern, node.output(0))
+            if values is not None:
+                try:
+                    yield _block(values)
+                except Decline as decline:
+                    yield decline
+
+
+def _numbers(value) -> np.ndarray | None:
+    node = strip(value).get_node()
+    return np.asarray(node.get_data()).reshape(-1) if node.get_type_name() == "Constant" else None
+
+
+def _block(values: dict) -> MoEBlock:
+    indices = strip(values["topk_indices"])
+    router = indices.get_node()
+    if router.get_type_name() != "TopK" or indices.get_index() != 1:
+        raise Decline("scores are not scattered at a router's top-k indices", values["scatter"].get_node())
+    top_value = _full_slice_of(values["topk_values"])
+    if not same(top_value, router.output(0)):
+        raise Decline("scattered scores are not the router's top-k values", values["scatter"].get_node(), router)
+    fill = _numbers(values["fill"])
+    if fill is None or not np.all(np.isneginf(fill)):
+        raise Decline("unselected experts' scores are not sigmoid(-inf) = 0", values["scatter"].get_node(), router)
+    num_experts = router.input_value(0).get_partial_shape()[-1].get_length()
+    checks = {
+        "scatter_axis": ([1], [-1]),
+        "perm": ([1, 0],),
+        "repeats": ([num_experts, 1],),
+        "chunk_axis": ([-1], [2]),
+        "sum_axis": ([0],),
+    }
+    for key, allowed in checks.items():
+        if list(_numbers(values[key])) not in [list(a) for a in allowed]:
+            raise Decline(f"{key} is {list(_numbers(values[key]))}, expected {allowed[0]}", router, router)
+    chunks, act = values["chunks"].get_node(), values["act"].get_node()
+    swish_input = values["swish"].get_node().input_value(0)
+    up = [v for v in act.input_values() if v.get_node().get_type_name() == "VariadicSplit"]
+    if swish_input.get_index() != 0 or len(up) != 1 or up[0].get_index() != 1:
+        raise Decline("the activation is not act(first chunk) * second chunk", chunks, router)
+    if router.get_output_partial_shape(1)[-1].get_length() != 1:
+        raise Decline(
+            "the routing weight scales the experts' input; FusedExperts scales their output, which is "
+            "the same only for top-1",
+            router,
+            router,
+        )
+
+    w_gate_up, gate_up_type = read_linear(values, "gate_up")  # [E, H, 2I], gate lanes first (chunk)
+    w_down, down_type = read_linear(values, "down")
+    if w_gate_up.ndim != 3 or w_down.ndim != 3 or len({w_gate_up.shape[0], w_down.shape[0], num_experts}) != 1:
+        raise Decline("expert weights are not stacked [E, ...] for the router's E experts", router, router)
+    if gate_up_type != down_type:
+        raise Decline("gate_up and down weights differ in precision", router, router)
+    half = w_gate_up.shape[-1] // 2
+    beta = float(values["swish_beta"].get_node().get_data()) if "swish_beta" in values else 1.0
+    return MoEBlock(
+        family=FAMILY,
+        router=router,
+        hidden=strip(values["hidden"]),
+        # sigmoid(top value) is what scales the input: computed afresh from the router's TopK.
+        routing_weights=ops.sigmoid(router.output(0)).output(0),
+        topk_indices=router.output(1),
+        output=values["sum"],
+        num_experts=num_experts,
+        expert_ids=list(range(num_experts)),
+        weights={
+            "w_gate": Weight([w_gate_up[..., :half]], gate_up_type),
+            "w_up": Weight([w_gate_up[..., half:]], gate_up_type),
+            "w_down": Weight([w_down], down_type),
+        },
+        expert_beta=beta,
+        weights_on_input=True,
+    )
+
+
+def _full_slice_of(value):
+    """`x[0:shape, ...]` with unit steps, as the exporter writes scatter's `src`, is x itself."""
+    node = value.get_node()
+    if node.get_type_name() != "Slice":
+        return strip(value)
+    start, step = _numbers(node.input_value(1)), _numbers(node.input_value(3))
+    if start is None or step is None or np.any(start) or np.any(step != 1):
+        return value
+    source, end = strip(node.input_value(0)), strip(node.input_value(2)).get_node()
+    if end.get_type_name() != "ShapeOf" or not same(strip(end.input_value(0)).get_node().output(0), source):
+        return value
+    return source
