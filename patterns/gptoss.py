@@ -182,9 +182,6 @@ def _block(values: dict) -> MoEBlock:
     if w_gate_up.ndim != 3 or w_down.ndim != 3:
         raise Decline("expert weights are not stacked [E, in, out]", values["gate_up_matmul"].get_node(), router)
     experts, _, width = w_gate_up.shape
-    if w_gate_up.shape[1] != hidden_size or w_down.shape != (experts, width // 2, hidden_size) or width % 2:
-        shapes = f"gate_up {list(w_gate_up.shape)}, down {list(w_down.shape)}"
-        raise Decline(f"weights {shapes} are not [E, {hidden_size}, 2I] and [E, I, {hidden_size}]", router, router)
 
     # The lanes: both Slices of the one gate_up, stride 2, one starting at 0 and the other at 1.
     gate_slice, up_slice = values["gate_slice"].get_node(), values["up_slice"].get_node()
@@ -195,6 +192,9 @@ def _block(values: dict) -> MoEBlock:
     gate_idx = _lane_start(gate_slice, width, rank, router)
     if _lane_start(up_slice, width, rank, router) != 1 - gate_idx:
         raise Decline("gate and up lanes overlap: both Slices start at the same column", up_slice, router)
+    if w_gate_up.shape[1] != hidden_size or w_down.shape != (experts, width // 2, hidden_size) or width % 2:
+        shapes = f"gate_up {list(w_gate_up.shape)}, down {list(w_down.shape)}"
+        raise Decline(f"weights {shapes} are not [E, {hidden_size}, 2I] and [E, I, {hidden_size}]", router, router)
 
     # The clamp: Minimum(limit) on the gate, Clamp(-limit, limit) on the up lane, the same limit.
     limit = _scalar(values["gate_limit"], "gate clamp limit", router)
