@@ -10,10 +10,12 @@ import click
 
 from moe_fusion import __version__
 from moe_fusion.catalogue import CatalogueError
+from moe_fusion.check import check
 from moe_fusion.fuse import fuse
 from moe_fusion.io import InputError, check_output, load, save
 
 BAD_INPUT = 2
+NOT_EQUIVALENT = 1
 
 
 def one_line_errors(command):
@@ -96,6 +98,39 @@ def inspect_command(input_path, patterns, as_json) -> None:
         click.echo(report.table())
     else:
         click.echo(f"no MoE blocks found in {input_path}")
+
+
+@main.command("check")
+@click.argument("original", type=click.Path(path_type=Path))
+@click.argument("fused", type=click.Path(path_type=Path))
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the JSON report here.")
+@click.option("--tokens", default="1,16,64", show_default=True, help="Prompt lengths, comma-separated.")
+@click.option("--steps", default=3, show_default=True, help="Decode steps after each prefill (stateful models).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the generated inputs.")
+@click.option("--atol", type=float, help="Absolute tolerance (default: by the original's weight type).")
+@click.option("--rtol", type=float, help="Tolerance relative to each output's scale (default: by weight type).")
+@click.option("--device", default="CPU", show_default=True, help="OpenVINO device running both models.")
+@click.option("--precision", default="f32", show_default=True, help="INFERENCE_PRECISION_HINT: f32, f16 or bf16.")
+@click.option("-v", "--verbose", is_flag=True, help="Print every output at every step.")
+@one_line_errors
+def check_command(original, fused, json_path, tokens, steps, seed, atol, rtol, device, precision, verbose) -> None:
+    """Run ORIGINAL and FUSED side by side; exit 0 if equivalent, 1 if not, 2 on bad input."""
+    try:
+        counts = [int(t) for t in tokens.split(",") if t.strip()]
+    except ValueError:
+        raise InputError(f"--tokens {tokens!r}: expected comma-separated token counts, e.g. 1,16,64") from None
+    report = check(
+        original, fused, tokens=counts, steps=steps, seed=seed, atol=atol, rtol=rtol, device=device,
+        precision=precision,
+    )
+    if json_path:
+        json_path.write_text(report.to_json())
+    if verbose:
+        click.echo(report.table())
+    if not report.equivalent:
+        click.echo(f"moe-fusion: NOT equivalent: {report.reason}", err=True)
+        sys.exit(NOT_EQUIVALENT)
+    click.echo(report.summary())
 
 
 def _print(report, report_path: Path | None) -> None:

@@ -1,0 +1,438 @@
+"""Whole-model equivalence: run the original and the fused model side by side and compare every output.
+
+`check(original, fused)` feeds both models the same inputs, generated from the original's own Parameters
+(LLM inputs by name: `input_ids` within the vocabulary, `attention_mask` ones, `position_ids` ranges,
+`beam_idx` zeros; anything else random by element type and shape). A stateful model (KV cache in
+ReadValue/Assign) runs a prefill of each token count and then `steps` greedy decode steps, its state reset
+between runs; decode feeds the argmax of the ORIGINAL's logits to both models so they stay on one path.
+A stateless model runs once per token count. Every output is compared at every step.
+
+Verdict per output and step: all values finite where the original's are, same shape, and
+`max|fused - original| <= atol + rtol * max|original|` (rtol is relative to the output's scale at that
+step: element-wise relative error is meaningless where values cross zero). Top-1 agreement of logits is
+reported but is not part of the verdict: differences inside the tolerance may flip near-ties.
+Default tolerances depend on the original's weight type (see DEFAULT_TOLERANCES and docs/checking.md).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import openvino as ov
+
+from moe_fusion.io import InputError, core, load
+
+# weight type -> (atol, rtol), rtol relative to the output's largest magnitude. Both models run the same
+# weights in f32 on CPU, so differences come from summation order (FusedExperts sums each expert's GEMM
+# and the top-k slots in a different order than the unfused graph) and grow with depth and width:
+#   f32: measured ~1e-7..1e-6 of the logits' scale on the committed fixtures; 1e-4 leaves 100x room for
+#        real depths (~60 layers) and hidden sizes (~8k), while a wrong expert, weight, lane or routing
+#        weight moves logits by > 1e-2 of their scale.
+#   f16/bf16: weights decompress exactly to f32 on both sides, but such models are real trained models
+#        whose activations have outliers of 1e2..1e3 that amplify reordering error through the norms.
+#   int8/int4: the CPU plugin runs compressed MatMuls with its own decompression kernels (and, unless
+#        disabled, dynamic int8 quantisation of activations), the fused side decompresses to f32: the
+#        two sides no longer compute the same products, differences of ~1e-3 (int8) .. 1e-2 (int4).
+DEFAULT_TOLERANCES: dict[str, tuple[float, float]] = {
+    "f32": (1e-6, 1e-4),
+    "f16": (1e-5, 1e-3),
+    "bf16": (1e-5, 2e-3),
+    "int8": (1e-4, 1e-2),
+    "int4": (1e-4, 3e-2),
+}
+# Inference precision -> the least rtol that makes sense: an f16/bf16 run rounds every activation.
+PRECISION_RTOL = {"f32": 0.0, "f16": 1e-2, "bf16": 5e-2}
+LLM_INPUTS = ("input_ids", "attention_mask", "position_ids", "beam_idx", "token_type_ids")
+_LOW_BIT = {"i4": "int4", "u4": "int4", "nf4": "int4", "f4e2m1": "int4", "i8": "int8", "u8": "int8"}
+_RANK = ["f32", "bf16", "f16", "int8", "int4"]  # later = coarser
+
+
+@dataclass
+class OutputCheck:
+    """One output at one step: how far the fused model is from the original."""
+
+    output: str
+    step: str  # "prefill 16" or "prefill 16 + decode 2"
+    tokens: int
+    shape: list[int]
+    max_abs: float
+    max_rel: float  # max_abs / max|original|
+    cosine: float
+    top1: float | None  # logits only: share of positions whose argmax agrees
+    worst: list[int]  # index of the largest difference
+    worst_values: tuple[float, float]  # (original, fused) there
+    ok: bool
+    reason: str = ""
+
+
+@dataclass
+class CheckReport:
+    original: str
+    fused: str
+    equivalent: bool
+    reason: str  # one line: why not (output, step, worst element), or "" when equivalent
+    weight_type: str
+    atol: float
+    rtol: float
+    device: str
+    precision: str
+    stateful: bool
+    vocab: int | None
+    outputs: list[OutputCheck] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def __bool__(self) -> bool:
+        return self.equivalent
+
+    @property
+    def max_abs(self) -> float:
+        return max((o.max_abs for o in self.outputs), default=0.0)
+
+    @property
+    def max_rel(self) -> float:
+        return max((o.max_rel for o in self.outputs), default=0.0)
+
+    @property
+    def top1(self) -> float | None:
+        values = [o.top1 for o in self.outputs if o.top1 is not None]
+        return min(values) if values else None
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data.update(max_abs=self.max_abs, max_rel=self.max_rel, top1=self.top1)
+        return json.dumps(data, indent=2, default=float)
+
+    def summary(self) -> str:
+        head = "equivalent" if self.equivalent else f"NOT equivalent: {self.reason}"
+        top1 = "" if self.top1 is None else f", top-1 agreement {self.top1:.4f}"
+        return (
+            f"{head} ({len(self.outputs)} output checks, max |diff| {self.max_abs:.3g}, "
+            f"max rel {self.max_rel:.3g}{top1}; atol {self.atol:g}, rtol {self.rtol:g}, "
+            f"{self.weight_type} weights, {self.device} {self.precision})"
+        )
+
+    def table(self) -> str:
+        rows = [("output", "step", "shape", "max|diff|", "rel", "cosine", "top-1", "status")]
+        for o in self.outputs:
+            rows.append(
+                (
+                    o.output,
+                    o.step,
+                    "x".join(map(str, o.shape)),
+                    f"{o.max_abs:.3g}",
+                    f"{o.max_rel:.3g}",
+                    f"{o.cosine:.8f}",
+                    "-" if o.top1 is None else f"{o.top1:.4f}",
+                    "ok" if o.ok else f"FAIL: {o.reason}",
+                )
+            )
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+        lines = ("  ".join(c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1] for r in rows)
+        return "\n".join(lines)
+
+
+# ---- model facts --------------------------------------------------------------------------------------
+
+
+def weight_type(model: ov.Model) -> str:
+    """The coarsest storage type among the model's weights (Constants of >= 1024 elements)."""
+    found = "f32"
+    for node in model.get_ordered_ops():
+        if node.get_type_name() != "Constant" or int(np.prod(list(node.get_output_shape(0)))) < 1024:
+            continue
+        name = node.get_output_element_type(0).get_type_name()
+        kind = _LOW_BIT.get(name, name if name in ("f16", "bf16") else "f32")
+        if _RANK.index(kind) > _RANK.index(found):
+            found = kind
+    return found
+
+
+def is_stateful(model: ov.Model) -> bool:
+    return bool(model.get_sinks()) or any(n.get_type_name() == "ReadValue" for n in model.get_ordered_ops())
+
+
+def vocab_size(model: ov.Model) -> int | None:
+    """Rows of the embedding table `input_ids` indexes (Gather on a Constant, maybe decompressed)."""
+    ids = next((p for p in model.get_parameters() if _name(p.output(0)) == "input_ids"), None)
+    if ids is None:
+        return None
+    stack, seen = [ids.output(0)], set()
+    while stack:
+        value = stack.pop()
+        for target in value.get_target_inputs():
+            node = target.get_node()
+            if node.get_instance_id() in seen:
+                continue
+            seen.add(node.get_instance_id())
+            kind = node.get_type_name()
+            if kind == "Gather" and target.get_index() == 1:
+                table = _constant_behind(node.input_value(0))
+                if table is not None and len(table.get_output_shape(0)) >= 1:
+                    return int(table.get_output_shape(0)[0])
+            elif kind in ("Convert", "Reshape", "Squeeze", "Unsqueeze"):
+                stack.append(node.output(0))
+    for result in model.outputs:  # no embedding found: the logits' width
+        if "logits" in result.get_names() and result.get_partial_shape()[-1].is_static:
+            return result.get_partial_shape()[-1].get_length()
+    return None
+
+
+def _constant_behind(value: ov.Output) -> ov.Node | None:
+    """The Constant behind a decompression chain (Convert, Subtract zero point, Multiply scale, Reshape)."""
+    for _ in range(8):
+        node = value.get_node()
+        kind = node.get_type_name()
+        if kind == "Constant":
+            return node
+        if kind not in ("Convert", "Subtract", "Multiply", "Reshape"):
+            return None
+        value = node.input_value(0)
+    return None
+
+
+def _name(value: ov.Output) -> str:
+    names = sorted(value.get_names())
+    return names[0] if names else value.get_node().get_friendly_name()
+
+
+# ---- inputs ---------------------------------------------------------------------------------------------
+
+
+def _llm_feed(name: str, param: ov.Node, ids: np.ndarray, past: int) -> np.ndarray:
+    dtype = param.get_element_type().to_dtype()
+    batch, length = ids.shape
+    if name == "input_ids":
+        return ids.astype(dtype)
+    if name == "attention_mask":
+        return np.ones((batch, past + length), dtype)
+    if name == "position_ids":
+        positions = np.broadcast_to(np.arange(past, past + length, dtype=dtype), (batch, length))
+        rank = param.get_partial_shape().rank
+        if rank.is_static and rank.get_length() == 3:  # multimodal rope: [3, B, S]
+            return np.ascontiguousarray(np.broadcast_to(positions, (3, batch, length)))
+        return np.ascontiguousarray(positions)
+    if name == "beam_idx":
+        return np.zeros(batch, dtype)
+    return np.zeros((batch, length), dtype)  # token_type_ids
+
+
+def _shape(partial: ov.PartialShape, tokens: int) -> list[int]:
+    """Concrete shape: the last dynamic dim gets the tokens, other dynamic dims 1 (batch)."""
+    dims = [d.get_length() if d.is_static else None for d in partial]
+    dynamic = [i for i, d in enumerate(dims) if d is None]
+    for i in dynamic:
+        dims[i] = tokens if i == dynamic[-1] else 1
+    return dims
+
+
+def _random(param: ov.Node, tokens: int, rng: np.random.Generator) -> np.ndarray:
+    partial = param.get_partial_shape()
+    if partial.rank.is_dynamic:
+        raise InputError(f"input '{_name(param.output(0))}' has dynamic rank: cannot generate data for it")
+    shape = _shape(partial, tokens)
+    dtype = param.get_element_type().to_dtype()
+    if dtype == np.bool_:
+        return rng.random(shape) < 0.5
+    if np.issubdtype(dtype, np.integer):
+        return rng.integers(0, 8, shape).astype(dtype)
+    return rng.standard_normal(shape).astype(dtype)
+
+
+# ---- running --------------------------------------------------------------------------------------------
+
+
+def _as_model(model: ov.Model | str | Path, role: str) -> tuple[ov.Model, str]:
+    if isinstance(model, ov.Model):
+        try:
+            model.clone().validate_nodes_and_infer_types()
+        except (RuntimeError, ValueError) as error:
+            raise InputError(f"{role} model is invalid: {_first_line(error)}") from None
+        return model, model.get_friendly_name()
+    return load(model), str(model)
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip() and not ln.startswith("Exception from")]
+    useful = [ln for ln in lines if "FusedExperts" in ln] or lines
+    return useful[0] if useful else type(error).__name__
+
+
+class _Runner:
+    def __init__(self, model: ov.Model, device: str, config: dict) -> None:
+        self.model = model
+        self.compiled = core().compile_model(model, device, config)
+        self.request = self.compiled.create_infer_request()
+        self.names = [_name(o) for o in model.outputs]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        result = self.request.infer(feeds)
+        return [np.array(result[o]) for o in self.compiled.outputs]
+
+
+def _compare(
+    name: str, step: str, tokens: int, want: np.ndarray, got: np.ndarray, atol: float, rtol: float, logits: bool
+) -> OutputCheck:
+    shape = list(want.shape)
+    if got.shape != want.shape:
+        return OutputCheck(name, step, tokens, shape, float("inf"), float("inf"), 0.0, None, [], (0.0, 0.0), False,
+                           f"shape {list(got.shape)} instead of {shape}")
+    w, g = want.astype(np.float64), got.astype(np.float64)
+    both_nan = np.isnan(w) & np.isnan(g)
+    diff = np.where(both_nan, 0.0, np.abs(g - w))
+    diff = np.where(np.isnan(diff), np.inf, diff)  # NaN on one side only
+    scale = float(np.abs(w[np.isfinite(w)]).max()) if np.isfinite(w).any() else 0.0
+    worst = np.unravel_index(int(np.argmax(diff)), diff.shape) if diff.size else ()
+    max_abs = float(diff[worst]) if diff.size else 0.0
+    max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
+    finite = np.isfinite(w) & np.isfinite(g)
+    wf, gf = w[finite], g[finite]
+    norms = float(np.linalg.norm(wf) * np.linalg.norm(gf))
+    cosine = float(wf @ gf / norms) if norms > 0 else float(np.array_equal(wf, gf))
+    top1 = None
+    if logits and want.ndim >= 1 and want.shape[-1] > 1 and want.size:
+        top1 = float((want.argmax(-1) == got.argmax(-1)).mean())
+    limit = atol + rtol * scale
+    ok = bool(max_abs <= limit)
+    reason = ""
+    if not ok:
+        where = ",".join(map(str, worst))
+        values = (float(w[worst]), float(g[worst]))
+        reason = (
+            f"output '{name}' at {step}: max |diff| {max_abs:.3g} > {limit:.3g} (atol {atol:g} + rtol {rtol:g} "
+            f"x scale {scale:.3g}) at [{where}]: original {values[0]:.6g}, fused {values[1]:.6g}"
+        )
+    return OutputCheck(
+        name, step, tokens, shape, max_abs, max_rel, cosine, top1, [int(i) for i in worst],
+        (float(w[worst]), float(g[worst])) if diff.size else (0.0, 0.0), ok, reason,
+    )
+
+
+def check(
+    original: ov.Model | str | Path,
+    fused: ov.Model | str | Path,
+    *,
+    tokens: Iterable[int] = (1, 16, 64),
+    steps: int = 3,
+    seed: int = 0,
+    atol: float | None = None,
+    rtol: float | None = None,
+    device: str = "CPU",
+    precision: str = "f32",
+) -> CheckReport:
+    """Compare `fused` with `original` (paths as `moe-fusion fuse` accepts them, or ov.Model objects).
+
+    Raises `InputError` (a ValueError) for inputs that cannot be compared: unreadable or invalid models,
+    models that differ in their inputs, an original that does not run. A fused model that fails to run,
+    or whose outputs differ in count, shape or value, gives a report with `equivalent=False`.
+    """
+    start = time.perf_counter()
+    tokens = [int(t) for t in tokens]
+    if not tokens or min(tokens) < 1:
+        raise InputError(f"token counts must be >= 1, got {tokens}")
+    if steps < 0:
+        raise InputError(f"steps must be >= 0, got {steps}")
+    if precision not in PRECISION_RTOL:
+        raise InputError(f"precision {precision!r} is not one of {', '.join(PRECISION_RTOL)}")
+    model_a, label_a = _as_model(original, "original")
+    model_b, label_b = _as_model(fused, "fused")
+    wtype = weight_type(model_a)
+    default_atol, default_rtol = DEFAULT_TOLERANCES[wtype]
+    atol = default_atol if atol is None else float(atol)
+    rtol = max(default_rtol, PRECISION_RTOL[precision]) if rtol is None else float(rtol)
+    stateful = is_stateful(model_a)
+    vocab = vocab_size(model_a)
+    report = CheckReport(label_a, label_b, True, "", wtype, atol, rtol, device, precision, stateful, vocab)
+
+    params_a = {_name(p.output(0)): p for p in model_a.get_parameters()}
+    params_b = {_name(p.output(0)) for p in model_b.get_parameters()}
+    if set(params_a) != params_b:
+        raise InputError(f"the models take different inputs: {sorted(params_a)} vs {sorted(params_b)}")
+    if len(model_a.outputs) != len(model_b.outputs):
+        return _fail(report, f"fused model has {len(model_b.outputs)} outputs, original {len(model_a.outputs)}", start)
+
+    config = {"INFERENCE_PRECISION_HINT": precision}
+    try:
+        run_a = _Runner(model_a, device, config)
+    except RuntimeError as error:
+        raise InputError(f"original model does not compile on {device}: {_first_line(error)}") from None
+    try:
+        run_b = _Runner(model_b, device, config)
+    except RuntimeError as error:
+        return _fail(report, f"fused model does not compile on {device}: {_first_line(error)}", start)
+    names = run_a.names
+    logits_at = next((i for i, n in enumerate(names) if n == "logits"), None)
+    rng = np.random.default_rng(seed)
+    llm = "input_ids" in params_a
+    if llm and vocab is None:
+        raise InputError("cannot tell the vocabulary size: no embedding table behind input_ids and no logits width")
+
+    for count in tokens:
+        for request in (run_a.request, run_b.request):
+            request.reset_state()
+        ids = rng.integers(0, vocab, (1, count)) if llm else None
+        past = 0
+        for step in range(steps + 1 if stateful else 1):
+            label = f"prefill {count}" + (f" + decode {step}" if step else "")
+            feeds = {}
+            for name, param in params_a.items():
+                if llm and name in LLM_INPUTS:
+                    feeds[name] = _llm_feed(name, param, ids, past)
+                else:
+                    feeds[name] = _random(param, count if step == 0 else 1, rng)
+            try:
+                want = run_a.run(feeds)
+            except RuntimeError as error:
+                raise InputError(f"original model fails at {label}: {_first_line(error)}") from None
+            try:
+                got = run_b.run(feeds)
+            except (RuntimeError, ValueError) as error:
+                return _fail(report, f"fused model fails at {label}: {_first_line(error)}", start)
+            for i, name in enumerate(names):
+                row = _compare(name, label, count, want[i], got[i], atol, rtol, i == logits_at)
+                report.outputs.append(row)
+                if not row.ok and report.equivalent:
+                    report.equivalent, report.reason = False, row.reason
+            if not llm:
+                break
+            past += ids.shape[1]
+            if logits_at is None:
+                ids = rng.integers(0, vocab, (1, 1))
+            else:  # greedy on the ORIGINAL's logits: both models follow the same path
+                ids = want[logits_at].reshape(1, -1, want[logits_at].shape[-1])[:, -1:].argmax(-1).astype(np.int64)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _fail(report: CheckReport, reason: str, start: float) -> CheckReport:
+    report.equivalent, report.reason = False, reason
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+# ---- reusable greedy run (tests/llm.py) -----------------------------------------------------------------
+
+
+def generate_logits(
+    model: ov.Model, vocab: int, prompt: int = 12, steps: int = 3, seed: int = 0, device: str = "CPU"
+) -> list[np.ndarray]:
+    """Logits of a random prompt's prefill and of `steps` greedy decode steps, f32 on `device`."""
+    runner = _Runner(model, device, {"INFERENCE_PRECISION_HINT": "f32"})
+    runner.request.reset_state()
+    params = {_name(p.output(0)): p for p in model.get_parameters()}
+    unknown = sorted(set(params) - set(LLM_INPUTS))
+    if unknown:
+        raise ValueError(f"unexpected model input {unknown[0]}")
+    ids = np.random.default_rng(seed).integers(0, vocab, (1, prompt))
+    past, outs = 0, []
+    logits_at = runner.names.index("logits")
+    for _ in range(steps + 1):
+        logits = runner.run({n: _llm_feed(n, p, ids, past) for n, p in params.items()})[logits_at]
+        outs.append(logits)
+        past += ids.shape[1]
+        ids = logits[:, -1:].argmax(-1).astype(np.int64)
+    return outs
