@@ -7,11 +7,19 @@ optimum-intel 1.x exports it, one copy of the loop body per expert:
         current_state = hidden_states[None, top_x].reshape(-1, H)
         current_hidden = expert[e](current_state) * routing_weights[top_x, idx, None]
         final_hidden_states.index_add_(0, top_x, current_hidden)
+
+The same loop exported to ONNX by optimum's exporter (torch.onnx) and read with `ov.Core().read_model` spells
+some steps differently, and the pattern accepts both spellings: OneHot's depth behind a Convert and its
+on/off values split out of one `[off, on]` Constant; `torch.where` as NonZero -> Transpose -> VariadicSplit
+(columns); SiLU as x * Sigmoid(x); weights `[in, out]` without transpose_b; and `index_add_` as
+`acc + ScatterElements(zeros_like(acc), index, update)` (reduction none, then Add).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+
+import numpy as np
 
 from moe_fusion.block import Decline, MoEBlock, Weight
 from moe_fusion.pattern import any_input, const, either, match, op, read_linear, reshaped, same, strip, swiglu_mlp
@@ -19,44 +27,56 @@ from moe_fusion.pattern import any_input, const, either, match, op, read_linear,
 FAMILY = "per_expert_loop"
 
 
+def one_hot_value():
+    """OneHot's on/off value: a Constant, or (ONNX frontend) a piece of the split `[off, on]` Constant."""
+    return either(const(), reshaped(op("Split", const(), const()), 2))
+
+
 def expert_slot():
-    """One loop iteration, rooted at its index_add_ (a ScatterElementsUpdate/ScatterNDUpdate with sum)."""
-    one_hot = op("OneHot", reshaped(any_input("topk_indices")), const("num_experts"), const(), const())
+    """One loop iteration, rooted at its index_add_: a ScatterElementsUpdate/ScatterNDUpdate with sum, or the
+    ONNX exporter's Add of the accumulator and a ScatterElements into zeros."""
+    depth = reshaped(const("num_experts"), 2)
+    one_hot = op("OneHot", reshaped(any_input("topk_indices")), depth, one_hot_value(), one_hot_value())
     expert_mask = op("Gather", op("Transpose", one_hot, const()), const("expert_id"), const())
     nonzero = op("NonZero", reshaped(expert_mask))
-    where = either(op("Split", nonzero, const()), op("VariadicSplit", nonzero, const(), const()))
+    coordinates = either(op("Transpose", nonzero, const()), nonzero)  # ONNX: NonZero(x).T, split by column
+    where = either(op("Split", coordinates, const()), op("VariadicSplit", coordinates, const(), const()))
     top_x = reshaped(where)
     current_state = reshaped(op("Gather", reshaped(any_input("hidden")), top_x, const(), name="gather_tokens"))
     routing = reshaped(op("Gather", reshaped(any_input("routing_weights")), any_input(), const()))
     current_hidden = op("Multiply", swiglu_mlp(current_state), routing)
+    index, update = reshaped(any_input("scatter_index")), reshaped(current_hidden)
+    # torch.onnx's index_add_: acc + scatter(zeros_like(acc), index, update); exact because top_x, the tokens
+    # routed to one expert, has no duplicates (top-k picks distinct experts), so nothing is overwritten
+    zeros = op("Broadcast", const("scatter_zero"), any_input())
+    added = op("ScatterElementsUpdate", zeros, index, update, const(), name="scatter")
     return either(
-        op(
-            "ScatterElementsUpdate",
-            any_input("accumulator"),
-            reshaped(any_input("scatter_index")),
-            reshaped(current_hidden),
-            const(),
-            name="index_add",
-        ),
-        op(
-            "ScatterNDUpdate",
-            any_input("accumulator"),
-            reshaped(any_input("scatter_index")),
-            reshaped(current_hidden),
-            name="index_add",
-        ),
+        op("ScatterElementsUpdate", any_input("accumulator"), index, update, const(), name="index_add"),
+        op("ScatterNDUpdate", any_input("accumulator"), index, update, name="index_add"),
+        op("Add", any_input("accumulator"), added, name="index_add"),
     )
+
+
+SCATTERS = ("ScatterElementsUpdate", "ScatterNDUpdate")
 
 
 def find(model):
     """Yield one MoEBlock per router whose loop copies all match, or a Decline saying what is off."""
     pattern = expert_slot()
-    slots = defaultdict(list)
+    matches = []
     for node in model.get_ordered_ops():
-        if node.get_type_name() in ("ScatterElementsUpdate", "ScatterNDUpdate"):
-            values = match(pattern, node.output(0))
-            if values is not None:
-                slots[strip(values["topk_indices"]).get_node().get_instance_id()].append(values)
+        if node.get_type_name() in SCATTERS:
+            adds = [c.get_node() for c in node.output(0).get_target_inputs() if c.get_node().get_type_name() == "Add"]
+            for root in (node, *adds):
+                values = match(pattern, root.output(0))
+                if values is not None:
+                    matches.append(values)
+    # a scatter into zeros matched on its own and as part of its Add counts once, as the Add
+    inner = {v["scatter"].get_node().get_instance_id() for v in matches if "scatter" in v}
+    slots = defaultdict(list)
+    for values in matches:
+        if values["index_add"].get_node().get_instance_id() not in inner:
+            slots[strip(values["topk_indices"]).get_node().get_instance_id()].append(values)
     for group in slots.values():
         try:
             yield _block(group)
@@ -77,9 +97,17 @@ def _block(group: list[dict]) -> MoEBlock:
         for key in ("hidden", "routing_weights"):
             if not same(strip(values[key]), strip(first[key])):
                 raise Decline(f"experts read different {key}", values["index_add"].get_node(), router)
-        scatter = values["index_add"].get_node()
-        if scatter.get_type_name() == "ScatterElementsUpdate" and scatter.get_attributes()["reduction"] != "sum":
-            raise Decline("scatter does not accumulate (reduction != sum)", scatter, router)
+        if "scatter" in values:  # Add(acc, scatter into zeros): the scatter's target must be all zeros
+            scatter = values["scatter"].get_node()
+            if np.any(values["scatter_zero"].get_node().get_data()):
+                raise Decline("index_add_ scatters into a non-zero tensor before the Add", scatter, router)
+            if scatter.get_attributes()["reduction"] not in ("none", "sum"):
+                reduction = scatter.get_attributes()["reduction"]
+                raise Decline(f"scatter into zeros reduces with {reduction}", scatter, router)
+        else:
+            scatter = values["index_add"].get_node()
+            if scatter.get_type_name() == "ScatterElementsUpdate" and scatter.get_attributes()["reduction"] != "sum":
+                raise Decline("scatter does not accumulate (reduction != sum)", scatter, router)
 
     num_experts = int(first["num_experts"].get_node().get_data())
     missing = sorted(set(range(num_experts)) - {int(v["expert_id"].get_node().get_data()) for v in group})
