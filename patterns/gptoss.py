@@ -175,8 +175,11 @@ def _block(values: dict) -> MoEBlock:
         raise Decline("the sum is not over the expert axis", values["sum"].get_node(), router)
 
     # Weights: [E, H, 2I] and [E, I, H] whatever transpose_b the conversion left.
-    w_gate_up, gate_up_convert = read_linear(values, "gate_up")
-    w_down, down_convert = read_linear(values, "down")
+    try:
+        w_gate_up, gate_up_convert = read_linear(values, "gate_up")
+        w_down, down_convert = read_linear(values, "down")
+    except ValueError as error:  # transpose_a
+        raise Decline(str(error), values["gate_up_matmul"].get_node(), router) from None
     hidden = strip(values["hidden"])
     hidden_size = hidden.get_partial_shape()[-1].get_length()
     if w_gate_up.ndim != 3 or w_down.ndim != 3:
