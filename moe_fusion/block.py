@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import openvino as ov
 
+from moe_fusion.pattern import RESHAPES, same, strip
 from moe_fusion.reference import GEMM2_BIAS_SWIGLU_CLAMP, GEMM3_SWIGLU
 
 
@@ -19,6 +20,33 @@ def module_path(node: ov.Node | None) -> str:
     if node is None:
         return "?"
     return node.get_friendly_name().rsplit("/aten::", 1)[0].rsplit("/", 1)[0]
+
+
+def _reads(value: ov.Output, x: ov.Output, depth: int) -> bool:
+    """Whether a Linear (MatMul on a constant weight) reading `x` lies within `depth` ops upstream."""
+    node = strip(value).get_node()
+    if node.get_type_name() == "MatMul" and any(same(strip(v), x) for v in node.input_values()):
+        return True
+    return depth > 0 and any(
+        _reads(v, x, depth - 1) for v in node.input_values() if v.get_node().get_type_name() != "Constant"
+    )
+
+
+def has_shared_expert(output: ov.Output, hidden: ov.Output) -> bool:
+    """A shared expert beside the block: its sum is added to an MLP of the same hidden input
+    (Qwen2-MoE `sigmoid(gate(x)) * shared(x)`, DeepSeek and Llama-4 `shared(x)`)."""
+    values = [output]
+    while values:
+        value = values.pop()
+        for target in value.get_target_inputs():
+            node = target.get_node()
+            if node.get_type_name() in RESHAPES:
+                values.append(node.output(0))
+            elif node.get_type_name() == "Add":
+                other = node.input_value(1 - target.get_index())
+                if _reads(other, strip(hidden), depth=6):
+                    return True
+    return False
 
 
 class Decline(Exception):

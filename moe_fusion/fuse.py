@@ -9,7 +9,7 @@ from pathlib import Path
 import openvino as ov
 
 from moe_fusion import catalogue, router
-from moe_fusion.block import WEIGHT_NAMES, Decline, MoEBlock, module_path
+from moe_fusion.block import WEIGHT_NAMES, Decline, MoEBlock, has_shared_expert, module_path
 from moe_fusion.pattern import same
 from moe_fusion.prove import prove
 from moe_fusion.report import BlockReport, Report
@@ -29,8 +29,8 @@ def _row(block: MoEBlock, status: str, reason: str = "") -> BlockReport:
         top_k=block.top_k,
         hidden=block.hidden_size,
         intermediate=block.intermediate_size,
-        router=router.describe(block.routing_weights, block.topk_indices),
-        shared_expert=block.shared_expert,
+        router=router.describe(block.routing_weights, block.topk_indices, block.weights_on_input),
+        shared_expert=block.shared_expert or has_shared_expert(block.output, block.hidden),
     )
 
 
@@ -57,11 +57,13 @@ def candidates(model: ov.Model, families) -> tuple[list[MoEBlock], list[BlockRep
     """Every family's blocks and near misses. A block is claimed by the first family that finds it; a
     router driving two different blocks is declined for both (no MoE model does that: a mis-match)."""
     found_by_router: dict[int, list[MoEBlock]] = {}
-    misses = []
+    misses, declined = [], set()
     for family in families:
         for found in family.find(model):
             if isinstance(found, Decline):
                 misses.append(BlockReport(module_path(found.router), family.FAMILY, "skipped", found.reason))
+                if found.router is not None:
+                    declined.add(found.router.get_instance_id())
                 continue
             claimed = found_by_router.setdefault(found.router.get_instance_id(), [])
             if not any(same(found.output, other.output) for other in claimed):
@@ -71,9 +73,13 @@ def candidates(model: ov.Model, families) -> tuple[list[MoEBlock], list[BlockRep
         if len(group) == 1:
             blocks.extend(group)
             continue
+        declined.add(group[0].router.get_instance_id())
         outputs = ", ".join(f"'{b.output.get_node().get_friendly_name()}'" for b in group)
         for block in group:
             misses.append(_row(block, "skipped", f"its router drives {len(group)} expert blocks ({outputs})"))
+    for topk in router.unclaimed(model, blocks, declined):
+        reason = f"a router (TopK over {topk.get_input_partial_shape(0)[-1]} scores) whose experts match no family"
+        misses.append(BlockReport(module_path(topk), "-", "skipped", reason))
     fused_names = {b.name for b in blocks}
     misses = [m for m in misses if m.name not in fused_names]
     return blocks, misses

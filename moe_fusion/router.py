@@ -1,23 +1,40 @@
-"""Naming the router that feeds a block, for the report. The router itself stays as ordinary ops."""
+"""Routers, for the report: what kind feeds a block, and router-like TopKs that no family claimed.
+The router itself always stays as ordinary ops."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
+import numpy as np
 import openvino as ov
 
 from moe_fusion.pattern import strip
 
 
-def _kind(value: ov.Output) -> str:
-    return strip(value).get_node().get_type_name()
+def source(value: ov.Output) -> ov.Output:
+    """`value` before layout ops and whole-tensor Slices (`x[0:n]`, as exporters write scatter sources)."""
+    value = strip(value)
+    while value.get_node().get_type_name() == "Slice":
+        node = value.get_node()
+        start, step = (strip(node.input_value(i)).get_node() for i in (1, 3))
+        if not all(n.get_type_name() == "Constant" for n in (start, step)):
+            break
+        if np.any(start.get_data()) or np.any(np.asarray(step.get_data()) != 1):
+            break
+        if strip(node.input_value(2)).get_node().get_type_name() != "ShapeOf":
+            break
+        value = strip(node.input_value(0))
+    return value
 
 
-def describe(routing_weights: ov.Output, topk_indices: ov.Output) -> str:
+def describe(routing_weights: ov.Output, topk_indices: ov.Output, weights_on_input: bool = False) -> str:
     selector = strip(topk_indices).get_node()
     if selector.get_type_name() != "TopK":
         return "sparsemixer" if selector.get_type_name() == "Concat" else f"{selector.get_type_name()} selection"
-    scores = _kind(selector.input_value(0))
-    weights = strip(routing_weights).get_node()
-    kind = weights.get_type_name()
+    scores = source(selector.input_value(0)).get_node().get_type_name()
+    kind = source(routing_weights).get_node().get_type_name()
+    if weights_on_input:
+        return "top-k on logits -> sigmoid, scales the expert input"
     if scores == "Softmax" and kind == "TopK":
         return "softmax -> top-k"
     if scores == "Softmax" and kind == "Divide":
@@ -27,3 +44,48 @@ def describe(routing_weights: ov.Output, topk_indices: ov.Output) -> str:
     if scores in ("Add", "Sigmoid") or kind == "Multiply":
         return "sigmoid + bias -> group top-k -> scaled"
     return f"{scores} -> top-k"
+
+
+def _reads_linear(topk: ov.Node) -> bool:
+    """Scores computed from a Linear (MatMul with a constant weight) within a few elementwise ops."""
+    value = topk.input_value(0)
+    for _ in range(6):
+        node = strip(value).get_node()
+        kind = node.get_type_name()
+        if kind == "MatMul":
+            return any(strip(v).get_node().get_type_name() == "Constant" for v in node.input_values())
+        if kind not in ("Softmax", "Sigmoid", "Add", "Multiply", "Divide"):
+            return False
+        value = node.input_value(0)
+    return False
+
+
+def _upstream(value: ov.Output, stop: ov.Output, limit: int = 10_000) -> set[int]:
+    """Ids of the nodes between `stop` (excluded) and `value`: a block's router ops."""
+    seen, stack = set(), [value.get_node()]
+    stop_id = stop.get_node().get_instance_id()
+    while stack and len(seen) < limit:
+        node = stack.pop()
+        if node.get_instance_id() in seen or node.get_instance_id() == stop_id:
+            continue
+        seen.add(node.get_instance_id())
+        stack.extend(v.get_node() for v in node.input_values())
+    return seen
+
+
+def unclaimed(model: ov.Model, blocks: Iterable, known: set[int]) -> list[ov.Node]:
+    """TopKs that select among a Linear's outputs along the last axis, as MoE routers do, that are neither
+    in `known` (routers already reported) nor among the router ops of `blocks`."""
+    seen = set(known)
+    for block in blocks:
+        for value in (block.routing_weights, block.topk_indices):
+            seen |= _upstream(value, block.hidden)
+    found = []
+    for node in model.get_ordered_ops():
+        if node.get_type_name() != "TopK" or node.get_instance_id() in seen:
+            continue
+        rank = node.get_input_partial_shape(0).rank
+        axis = node.get_attributes()["axis"]
+        if rank.is_static and axis in (-1, rank.get_length() - 1) and _reads_linear(node):
+            found.append(node)
+    return found

@@ -76,7 +76,10 @@ def find(model):
     slots = defaultdict(list)
     for values in matches:
         if values["index_add"].get_node().get_instance_id() not in inner:
-            slots[strip(values["topk_indices"]).get_node().get_instance_id()].append(values)
+            # one block per (router, input): a router driving two blocks is the pipeline's to report
+            hidden = strip(values["hidden"])
+            key = (strip(values["topk_indices"]).get_node().get_instance_id(), hidden.get_node().get_instance_id())
+            slots[(*key, hidden.get_index())].append(values)
     for group in slots.values():
         try:
             yield _block(group)

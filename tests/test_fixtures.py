@@ -49,6 +49,10 @@ FUSES = {
 }
 
 
+# Models with a shared expert beside the routed ones (the report's shared_expert column).
+SHARED_EXPERT = {"gen1-qwen2moe", "gen2-qwen2moe", "gen1-deepseekv3", "gen1-llama4"}
+
+
 def ops_by_type(model) -> Counter:
     return Counter(n.get_type_name() for n in model.get_ordered_ops())
 
@@ -70,6 +74,7 @@ def test_real_export_fuses_and_stays_equivalent(fixture):
         assert (block.num_experts, block.top_k) == (config[experts_key], config[top_k_key])
         assert (block.hidden, block.intermediate) == (config["hidden_size"], config[inter_key])
         assert block.experts_covered == block.num_experts  # the proof saw every expert
+        assert block.shared_expert == (fixture in SHARED_EXPERT)
     scopes = tuple(b.name.rsplit(".", 1)[0] for b in report.blocks)  # the layer holding each block
     in_blocks = Counter(
         n.get_type_name()

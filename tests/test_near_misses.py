@@ -5,9 +5,11 @@ from pathlib import Path
 
 import numpy as np
 import openvino.opset14 as ops
+import pytest
 
 import moe_fusion
-from moe_fusion.fuse import fuse
+from moe_fusion import catalogue
+from moe_fusion.fuse import candidates, fuse
 
 FIXTURE = Path(__file__).resolve().parent.parent / "models" / "fixtures" / "gen1-mixtral" / "openvino_model.xml"
 LAYER0 = "__module.model.layers.0.block_sparse_moe"
@@ -71,3 +73,46 @@ def test_proof_rejects_what_the_pattern_cannot_see():
     reasons = " ".join(b.reason for b in report.blocks if b.name == LAYER0)
     assert "fused" not in [b.status for b in report.blocks if b.name == LAYER0]
     assert reasons
+
+
+def fixture_model(name: str):
+    return moe_fusion.read_model(FIXTURE.parent.parent / name / "openvino_model.xml")
+
+
+def test_llama4_with_top2_is_declined_not_approximated():
+    """Llama-4 scales the experts' input by the routing weight: exact in FusedExperts for top-1 only."""
+    model = fixture_model("gen1-llama4")
+    for node in model.get_ordered_ops():
+        if node.get_type_name() == "TopK" and "feed_forward.router" in node.get_friendly_name():
+            node.input(1).replace_source_output(ops.constant(np.int64(2)).output(0))
+    model.validate_nodes_and_infer_types()
+    report = fuse(model)
+    assert [b.status for b in report.blocks] == ["skipped", "skipped"], report.table()
+    assert all("the same only for top-1" in b.reason for b in report.blocks)
+    assert not any(n.get_type_name() == "FusedExperts" for n in model.get_ordered_ops())
+
+
+@pytest.mark.parametrize("fixture", ["gen1-mixtral", "gen2-mixtral"])
+def test_two_blocks_sharing_one_router_are_declined(fixture):
+    """Layer 1's experts rewired to layer 0's router: two expert blocks, one router."""
+    model = fixture_model(fixture)
+    first, second = candidates(model, catalogue.load())[0]
+    second.topk_indices.replace(first.topk_indices)
+    second.routing_weights.replace(first.routing_weights)
+    model.validate_nodes_and_infer_types()
+    report = fuse(model)
+    rows = [b for b in report.blocks if b.name == first.name]
+    assert [b.status for b in rows] == ["skipped", "skipped"], report.table()
+    assert all("its router drives 2 expert blocks" in b.reason for b in rows)
+    assert not any(n.get_type_name() == "FusedExperts" for n in model.get_ordered_ops())
+
+
+def test_router_whose_experts_match_no_family_is_reported():
+    """gen2-mixtral (tiled form) with GELU experts: no family matches, yet the router is reported."""
+    model = fixture_model("gen2-mixtral")
+    for node in model.get_ordered_ops():
+        if node.get_type_name() == "Swish":
+            node.output(0).replace(ops.gelu(node.input_value(0), "erf").output(0))
+    report = fuse(model)
+    assert [b.status for b in report.blocks] == ["skipped", "skipped"], report.table()
+    assert all("whose experts match no family" in b.reason for b in report.blocks)
