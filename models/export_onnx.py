@@ -16,14 +16,15 @@ self-contained `model.onnx` (no external data: the models are ~1 MB) plus `confi
 
 - qwen3moe: optimum-onnx supports `qwen3_moe` natively; its own `Qwen3MoeModelPatcher` replaces the
   "experts hit" loop by a loop over all experts.
-- mixtral: optimum-onnx has no `mixtral` config ("Trying to export a mixtral model, that is a custom or
-  unsupported architecture ..."). Registered as a user would, with the Mistral ONNX config, plus the same
-  all-experts patch optimum applies to Qwen3-MoE (without it the trace keeps only the experts the dummy input
-  hit, and the ONNX graph is silently wrong).
+- mixtral, qwen2moe: optimum-onnx has no `mixtral` / `qwen2_moe` config ("Trying to export a mixtral model,
+  that is a custom or unsupported architecture ..."). Registered as a user would, with the Mistral / Qwen2 ONNX
+  config, plus the same all-experts patch optimum applies to Qwen3-MoE (without it the trace keeps only the
+  experts the dummy input hit, and the ONNX graph is silently wrong).
 """
 
 import argparse
 import contextlib
+import importlib
 import shutil
 import sys
 import tempfile
@@ -39,14 +40,16 @@ KEEP = ("model.onnx", "config.json")
 
 
 def all_experts_forward(self, hidden_states: torch.Tensor):
-    """transformers 4.57 MixtralSparseMoeBlock.forward with `for expert_idx in range(num_experts)` instead of
-    the data-dependent `expert_hit` loop (optimum's qwen3_moe_forward_patched does the same for Qwen3-MoE)."""
+    """transformers 4.57's MixtralSparseMoeBlock / Qwen2MoeSparseMoeBlock forward with `for expert_idx in
+    range(num_experts)` instead of the data-dependent `expert_hit` loop (optimum's qwen3_moe_forward_patched does
+    the same for Qwen3-MoE). Everything else is the original code."""
     batch_size, sequence_length, hidden_dim = hidden_states.shape
     hidden_states = hidden_states.view(-1, hidden_dim)
     router_logits = self.gate(hidden_states)
     routing_weights = torch.nn.functional.softmax(router_logits, dim=1, dtype=torch.float)
     routing_weights, selected_experts = torch.topk(routing_weights, self.top_k, dim=-1)
-    routing_weights /= routing_weights.sum(dim=-1, keepdim=True)
+    if getattr(self, "norm_topk_prob", True):  # Mixtral always renormalises
+        routing_weights /= routing_weights.sum(dim=-1, keepdim=True)
     routing_weights = routing_weights.to(hidden_states.dtype)
     final_hidden_states = torch.zeros(
         (batch_size * sequence_length, hidden_dim), dtype=hidden_states.dtype, device=hidden_states.device
@@ -57,37 +60,56 @@ def all_experts_forward(self, hidden_states: torch.Tensor):
         current_state = hidden_states[None, top_x].reshape(-1, hidden_dim)
         current_hidden_states = self.experts[expert_idx](current_state) * routing_weights[top_x, idx, None]
         final_hidden_states.index_add_(0, top_x, current_hidden_states.to(hidden_states.dtype))
+    if hasattr(self, "shared_expert"):  # Qwen2-MoE
+        shared_expert_output = self.shared_expert(hidden_states)
+        shared_expert_output = torch.sigmoid(self.shared_expert_gate(hidden_states)) * shared_expert_output
+        final_hidden_states = final_hidden_states + shared_expert_output
     final_hidden_states = final_hidden_states.reshape(batch_size, sequence_length, hidden_dim)
     return final_hidden_states, router_logits
 
 
-@contextlib.contextmanager
-def register_mixtral():
-    """Register `mixtral` for optimum's ONNX exporter (Mistral's config) with an all-experts patcher."""
-    from optimum.exporters.onnx.model_configs import COMMON_TEXT_GENERATION_TASKS, MistralOnnxConfig
-    from optimum.exporters.onnx.model_patcher import ModelPatcher
-    from optimum.exporters.tasks import TasksManager
-    from transformers.models.mixtral import modeling_mixtral as m
+def register(model_type: str, base_config: str, block: str) -> Callable:
+    """A setup that registers `model_type` for optimum's ONNX exporter, as a user would: an existing text-decoder
+    ONNX config (`base_config`, a class in optimum.exporters.onnx.model_configs) plus a patcher that swaps the
+    MoE `block` class's forward for `all_experts_forward` during the export."""
 
-    class MixtralModelPatcher(ModelPatcher):
-        def __enter__(self):
-            super().__enter__()
-            self.original_moe_forward = m.MixtralSparseMoeBlock.forward
-            m.MixtralSparseMoeBlock.forward = all_experts_forward
+    @contextlib.contextmanager
+    def setup():
+        from optimum.exporters.onnx import model_configs
+        from optimum.exporters.onnx.model_patcher import ModelPatcher
+        from optimum.exporters.tasks import TasksManager
 
-        def __exit__(self, exc_type, exc_value, traceback):
-            super().__exit__(exc_type, exc_value, traceback)
-            m.MixtralSparseMoeBlock.forward = self.original_moe_forward
+        module, name = block.rsplit(".", 1)
+        block_class = getattr(importlib.import_module(module), name)
 
-    @TasksManager.create_register("onnx")("mixtral", *COMMON_TEXT_GENERATION_TASKS)
-    class MixtralOnnxConfig(MistralOnnxConfig):
-        _MODEL_PATCHER = MixtralModelPatcher
+        class AllExpertsPatcher(ModelPatcher):
+            def __enter__(self):
+                super().__enter__()
+                self.original_moe_forward = block_class.forward
+                block_class.forward = all_experts_forward
 
-    yield
+            def __exit__(self, exc_type, exc_value, traceback):
+                super().__exit__(exc_type, exc_value, traceback)
+                block_class.forward = self.original_moe_forward
+
+        base = getattr(model_configs, base_config)
+        config = type(f"{name}OnnxConfig", (base,), {"_MODEL_PATCHER": AllExpertsPatcher})
+        TasksManager.create_register("onnx")(model_type, *model_configs.COMMON_TEXT_GENERATION_TASKS)(config)
+        yield
+
+    return setup
 
 
 # spec name (of export_hf.SPECS) -> setup context (None: optimum supports it as is)
-ONNX_SPECS: dict[str, Callable | None] = {"qwen3moe": None, "mixtral": register_mixtral}
+ONNX_SPECS: dict[str, Callable | None] = {
+    "qwen3moe": None,
+    "mixtral": register(
+        "mixtral", "MistralOnnxConfig", "transformers.models.mixtral.modeling_mixtral.MixtralSparseMoeBlock"
+    ),
+    "qwen2moe": register(
+        "qwen2_moe", "Qwen2OnnxConfig", "transformers.models.qwen2_moe.modeling_qwen2_moe.Qwen2MoeSparseMoeBlock"
+    ),
+}
 
 
 def export(name: str, out_root: Path) -> Path:

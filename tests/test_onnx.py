@@ -31,6 +31,7 @@ PLUMBING = ("OneHot", "NonZero", "ScatterElementsUpdate", "ScatterNDUpdate")
 # fixture -> (family, MoE layers, config keys for E, K, intermediate)
 FUSES = {
     "onnx-mixtral": ("per_expert_loop", 2, "num_local_experts", "num_experts_per_tok", "intermediate_size"),
+    "onnx-qwen2moe": ("per_expert_loop", 2, "num_experts", "num_experts_per_tok", "moe_intermediate_size"),
     "onnx-qwen3moe": ("per_expert_loop", 2, "num_experts", "num_experts_per_tok", "moe_intermediate_size"),
 }
 
