@@ -107,3 +107,17 @@ def test_cli_fuses_an_onnx_file_to_ir(tmp_path):
     assert Counter(n.get_type_name() for n in fused.get_ordered_ops())["FusedExperts"] == 2
     vocab = json.loads((FIXTURES / "onnx-mixtral" / "config.json").read_text())["vocab_size"]
     assert_same_logits(load(source), fused, vocab, steps=1)  # the saved IR runs like the ONNX model
+
+
+def test_index_add_into_a_non_zero_tensor_is_declined():
+    """torch.onnx's index_add_ is `acc + scatter(zeros, ...)`: with anything but zeros under the scatter the Add
+    would count that tensor in again, so the block is declined, not fused."""
+    model = load(FIXTURES / "onnx-mixtral" / "model.onnx")
+    scatter = next(n for n in model.get_ordered_ops() if n.get_type_name() == "ScatterElementsUpdate")
+    zeros = scatter.input_value(0).get_node()
+    assert zeros.get_type_name() == "Broadcast"
+    zeros.input(0).replace_source_output(ov.op.Constant(np.array(1.0, np.float32)).output(0))
+    report = fuse(model)
+    declined = [b for b in report.blocks if b.status == "skipped"]
+    assert len(declined) == 1 and "non-zero tensor" in declined[0].reason, report.table()
+    assert [b.status for b in report.blocks].count("fused") == 1  # the other layer still fuses
