@@ -121,3 +121,15 @@ def test_index_add_into_a_non_zero_tensor_is_declined():
     declined = [b for b in report.blocks if b.status == "skipped"]
     assert len(declined) == 1 and "non-zero tensor" in declined[0].reason, report.table()
     assert [b.status for b in report.blocks].count("fused") == 1  # the other layer still fuses
+
+
+def test_convert_model_of_the_onnx_file_fuses_too():
+    """`ov.convert_model("model.onnx")` also runs MOC transformations (x * Sigmoid(x) becomes Swish, constants
+    fold): the other spelling users get from the same file."""
+    source = FIXTURES / "onnx-qwen3moe" / "model.onnx"
+    original = ov.convert_model(source)
+    assert not any(n.get_type_name() == "Sigmoid" for n in original.get_ordered_ops())
+    model = original.clone()
+    report = fuse(model)
+    assert [b.status for b in report.blocks] == ["fused", "fused"], report.table()
+    assert_same_logits(original, model, 256, steps=1)
