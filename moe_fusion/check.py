@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import openvino as ov
 
-from moe_fusion.io import InputError, core, load
+from moe_fusion.io import InputError, core, model_file, read_model
 
 # weight type -> (atol, rtol), rtol relative to the output's largest magnitude. Both models run the same
 # weights in f32 on CPU, so differences come from summation order (FusedExperts sums each expert's GEMM
@@ -57,7 +57,7 @@ class OutputCheck:
     """One output at one step: how far the fused model is from the original."""
 
     output: str
-    step: str  # "prefill 16" or "prefill 16 + decode 2"
+    step: str  # "prefill 16", "prefill 16 + decode 2" (stateful) or "16 tokens" (stateless)
     tokens: int
     shape: list[int]
     max_abs: float
@@ -251,14 +251,24 @@ def _as_model(model: ov.Model | str | Path, role: str) -> tuple[ov.Model, str]:
         try:
             model.clone().validate_nodes_and_infer_types()
         except (RuntimeError, ValueError) as error:
-            raise InputError(f"{role} model is invalid: {_first_line(error)}") from None
+            raise InputError(f"{role} model is invalid: {first_line(error)}") from None
         return model, model.get_friendly_name()
-    return load(model), str(model)
+    file = model_file(model)
+    try:  # io.load, with the message of a Python op's error (FusedExperts validation) kept
+        loaded = read_model(file)
+    except RuntimeError as error:
+        raise InputError(f"{file}: cannot read model: {first_line(error)}") from None
+    if not loaded.get_results():
+        raise InputError(f"{file}: the model has no outputs")
+    return loaded, str(model)
 
 
-def _first_line(error: BaseException) -> str:
-    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip() and not ln.startswith("Exception from")]
-    useful = [ln for ln in lines if "FusedExperts" in ln] or lines
+def first_line(error: BaseException) -> str:
+    """The useful line of an OpenVINO error: a FusedExperts message if any, else the last line before the
+    Python frames ("At:") that an error raised inside a Python op carries."""
+    text = str(error).split("\nAt:\n")[0]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("Exception from")]
+    useful = [ln for ln in lines if "FusedExperts" in ln] or lines[-1:]
     return useful[0] if useful else type(error).__name__
 
 
@@ -359,11 +369,11 @@ def check(
     try:
         run_a = _Runner(model_a, device, config)
     except RuntimeError as error:
-        raise InputError(f"original model does not compile on {device}: {_first_line(error)}") from None
+        raise InputError(f"original model does not compile on {device}: {first_line(error)}") from None
     try:
         run_b = _Runner(model_b, device, config)
     except RuntimeError as error:
-        return _fail(report, f"fused model does not compile on {device}: {_first_line(error)}", start)
+        return _fail(report, f"fused model does not compile on {device}: {first_line(error)}", start)
     names = run_a.names
     logits_at = next((i for i, n in enumerate(names) if n == "logits"), None)
     rng = np.random.default_rng(seed)
@@ -377,7 +387,7 @@ def check(
         ids = rng.integers(0, vocab, (1, count)) if llm else None
         past = 0
         for step in range(steps + 1 if stateful else 1):
-            label = f"prefill {count}" + (f" + decode {step}" if step else "")
+            label = (f"prefill {count}" + (f" + decode {step}" if step else "")) if stateful else f"{count} tokens"
             feeds = {}
             for name, param in params_a.items():
                 if llm and name in LLM_INPUTS:
@@ -387,11 +397,11 @@ def check(
             try:
                 want = run_a.run(feeds)
             except RuntimeError as error:
-                raise InputError(f"original model fails at {label}: {_first_line(error)}") from None
+                raise InputError(f"original model fails at {label}: {first_line(error)}") from None
             try:
                 got = run_b.run(feeds)
             except (RuntimeError, ValueError) as error:
-                return _fail(report, f"fused model fails at {label}: {_first_line(error)}", start)
+                return _fail(report, f"fused model fails at {label}: {first_line(error)}", start)
             for i, name in enumerate(names):
                 row = _compare(name, label, count, want[i], got[i], atol, rtol, i == logits_at)
                 report.outputs.append(row)

@@ -27,6 +27,7 @@ import openvino as ov
 import openvino.opset14 as ops
 
 from moe_fusion.block import MoEBlock
+from moe_fusion.check import first_line as _first_line
 from moe_fusion.io import core
 
 # Both sides compute in f32 from the same weights and differ in summation order only (GEMMs, the sum
@@ -378,9 +379,3 @@ def _failed(proof: Proof, reason: str, routed: set[int], covered: set[int]) -> P
     proof.ok, proof.reason = False, reason
     proof.experts_routed, proof.experts_covered = len(routed), len(covered)
     return proof
-
-
-def _first_line(error: BaseException) -> str:
-    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip() and not ln.startswith("Exception from")]
-    useful = [ln for ln in lines if "FusedExperts" in ln] or lines
-    return useful[0] if useful else type(error).__name__
