@@ -6,6 +6,7 @@ report and lowering read it. Weights are numpy views of the graph's constants, o
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,7 +20,23 @@ def module_path(node: ov.Node | None) -> str:
     """The exporter's module path of a node, e.g. `__module.model.layers.3.mlp` for its router TopK."""
     if node is None:
         return "?"
-    return node.get_friendly_name().rsplit("/aten::", 1)[0].rsplit("/", 1)[0]
+    name = node.get_friendly_name()
+    if name.startswith("aten::"):  # converted without module scopes (ov.convert_model of a bare module)
+        return ""
+    return name.rsplit("/aten::", 1)[0].rsplit("/", 1)[0]
+
+
+def block_name(*nodes: ov.Node | None) -> str:
+    """The innermost module holding all `nodes` (a router and the block's output, say), e.g.
+    `__module.model.layers.3.mlp` from `...mlp.gate` and `...mlp`."""
+    # names and separators; nodes outside any module (added by hand, say) do not narrow it
+    paths = [re.split(r"([./])", path) for path in map(module_path, filter(None, nodes)) if path]
+    common = []
+    for names in zip(*paths, strict=False):
+        if len(set(names)) > 1:
+            break
+        common.append(names[0])
+    return "".join(common).rstrip("./") or "(top level)"
 
 
 def _reads(value: ov.Output, x: ov.Output, depth: int) -> bool:
@@ -57,6 +74,7 @@ class Decline(Exception):
         super().__init__(reason + where)
         self.reason = reason + where
         self.router = router
+        self.node = node
 
 
 @dataclass
@@ -92,8 +110,8 @@ class MoEBlock:
 
     @property
     def name(self) -> str:
-        """The router's module path, e.g. `__module.model.layers.3.mlp`."""
-        return module_path(self.router)
+        """The module holding router and experts, e.g. `__module.model.layers.3.mlp`."""
+        return block_name(self.router, self.output.get_node())
 
     @property
     def top_k(self) -> int:

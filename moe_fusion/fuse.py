@@ -9,7 +9,7 @@ from pathlib import Path
 import openvino as ov
 
 from moe_fusion import catalogue, router
-from moe_fusion.block import WEIGHT_NAMES, Decline, MoEBlock, has_shared_expert, module_path
+from moe_fusion.block import WEIGHT_NAMES, Decline, MoEBlock, block_name, has_shared_expert, module_path
 from moe_fusion.pattern import same
 from moe_fusion.prove import prove
 from moe_fusion.report import BlockReport, Report
@@ -57,32 +57,30 @@ def candidates(model: ov.Model, families) -> tuple[list[MoEBlock], list[BlockRep
     """Every family's blocks and near misses. A block is claimed by the first family that finds it; a
     router driving two different blocks is declined for both (no MoE model does that: a mis-match)."""
     found_by_router: dict[int, list[MoEBlock]] = {}
-    misses, declined = [], set()
+    misses: list[tuple[int | None, BlockReport]] = []  # (router id, row)
     for family in families:
         for found in family.find(model):
             if isinstance(found, Decline):
-                misses.append(BlockReport(module_path(found.router), family.FAMILY, "skipped", found.reason))
-                if found.router is not None:
-                    declined.add(found.router.get_instance_id())
+                key = found.router.get_instance_id() if found.router is not None else None
+                name = block_name(found.router, found.node)
+                misses.append((key, BlockReport(name, family.FAMILY, "skipped", found.reason)))
                 continue
             claimed = found_by_router.setdefault(found.router.get_instance_id(), [])
             if not any(same(found.output, other.output) for other in claimed):
                 claimed.append(found)
     blocks = []
-    for group in found_by_router.values():
+    for key, group in found_by_router.items():
         if len(group) == 1:
             blocks.extend(group)
             continue
-        declined.add(group[0].router.get_instance_id())
         outputs = ", ".join(f"'{b.output.get_node().get_friendly_name()}'" for b in group)
         for block in group:
-            misses.append(_row(block, "skipped", f"its router drives {len(group)} expert blocks ({outputs})"))
-    for topk in router.unclaimed(model, blocks, declined):
+            misses.append((key, _row(block, "skipped", f"its router drives {len(group)} expert blocks ({outputs})")))
+    for topk in router.unclaimed(model, blocks, {key for key, _ in misses}):
         reason = f"a router (TopK over {topk.get_input_partial_shape(0)[-1]} scores) whose experts match no family"
-        misses.append(BlockReport(module_path(topk), "-", "skipped", reason))
-    fused_names = {b.name for b in blocks}
-    misses = [m for m in misses if m.name not in fused_names]
-    return blocks, misses
+        misses.append((topk.get_instance_id(), BlockReport(module_path(topk), "-", "skipped", reason)))
+    fused = {b.router.get_instance_id() for b in blocks}
+    return blocks, [row for key, row in misses if key not in fused]
 
 
 def fuse(
