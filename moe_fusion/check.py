@@ -232,9 +232,13 @@ def _shape(partial: ov.PartialShape, tokens: int) -> list[int]:
 
 def _random(param: ov.Node, tokens: int, rng: np.random.Generator) -> np.ndarray:
     partial = param.get_partial_shape()
+    name = _name(param.output(0))
     if partial.rank.is_dynamic:
-        raise InputError(f"input '{_name(param.output(0))}' has dynamic rank: cannot generate data for it")
+        raise InputError(f"input '{name}' has dynamic rank: cannot generate data for it")
     shape = _shape(partial, tokens)
+    if name.startswith(("past_key_values", "past.")):  # stateless KV cache: batch 1, empty past
+        dynamic = [i for i, d in enumerate(partial) if d.is_dynamic]
+        shape = [0 if i in dynamic[1:] else d for i, d in enumerate(shape)]
     dtype = param.get_element_type().to_dtype()
     if dtype == np.bool_:
         return rng.random(shape) < 0.5

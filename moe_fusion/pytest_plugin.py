@@ -58,6 +58,9 @@ def _defaults(config: pytest.Config) -> dict[str, Any]:
     return found
 
 
+FAILURE = pytest.StashKey[str]()
+
+
 @pytest.fixture
 def moe_equivalence(request: pytest.FixtureRequest) -> Callable[..., CheckReport]:
     """`moe_equivalence(original, fused, **kwargs)` -> CheckReport; fails the test if not equivalent."""
@@ -68,14 +71,16 @@ def moe_equivalence(request: pytest.FixtureRequest) -> Callable[..., CheckReport
         try:
             return _assert_equivalent(original, fused, **{**defaults, **kwargs})
         except AssertionError as error:
-            pytest.fail(str(error), pytrace=False)
+            message = str(error)
+        pytest.fail(message, pytrace=False)
 
     return run
 
 
 @pytest.fixture
 def moe_report(request: pytest.FixtureRequest) -> CheckReport | None:
-    """The report of the test's `moe_equivalent` marker (None without the marker)."""
+    """The report of the test's `moe_equivalent` marker (None without the marker). A pair that is not
+    equivalent fails the test itself (not its setup) with the one-line reason."""
     marker = request.node.get_closest_marker("moe_equivalent")
     if marker is None:
         return None
@@ -84,7 +89,15 @@ def moe_report(request: pytest.FixtureRequest) -> CheckReport | None:
     try:
         return _assert_equivalent(*marker.args, **{**_defaults(request.config), **marker.kwargs})
     except AssertionError as error:
-        pytest.fail(str(error), pytrace=False)
+        request.node.stash[FAILURE] = str(error)
+    return None
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_call(item: pytest.Item) -> None:
+    message = item.stash.get(FAILURE, None)
+    if message is not None:
+        pytest.fail(message, pytrace=False)
 
 
 @pytest.hookimpl(tryfirst=True)
