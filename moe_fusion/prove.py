@@ -239,7 +239,7 @@ def _steered(sides: _Sides, rng: np.random.Generator, num_experts: int) -> np.nd
 
 def _clamp_rows(sides: _Sides, fused: ov.Node, rng: np.random.Generator) -> tuple[np.ndarray, bool]:
     """Rows large enough that gate/up pre-activations pass the clamp limit (GEMM2 with expert_alpha)."""
-    alpha = float(fused.attributes["expert_alpha"])
+    alpha = float(sides.block.expert_alpha)  # the original's clamp, whatever the replacement claims
     rows = rng.standard_normal((16, sides.hidden_size)).astype(np.float32)
     w = _constant(fused.input_value(3))
     if w is None:
@@ -304,7 +304,7 @@ def prove(block: MoEBlock, fused: ov.Node, replacement: ov.Output, seed: int = 0
     cases.append(("3 tokens: zero row, duplicated row", np.concatenate([np.zeros((1, h), np.float32), pair, pair])))
     try:
         cases.append((f"{STEERED_TOKENS} tokens steered to every expert", _steered(sides, rng, num_experts)))
-        if float(fused.attributes.get("expert_alpha", 0.0)) > 0:
+        if block.expert_alpha > 0:
             rows, proof.clamp_exercised = _clamp_rows(sides, fused, rng)
             cases.append(("16 tokens past the clamp limit", rows))
         if out_type in ("f16", "bf16"):

@@ -1,0 +1,102 @@
+"""The per-block proof's inputs are hard and its coverage report is honest.
+
+Tolerance: prove's own (f32: 1e-4 of each case's output scale, see moe_fusion/prove.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import openvino.opset14 as ops
+import pytest
+from test_faults import array, faulty, like, synthetic_block, zero_expert
+
+import moe_fusion
+from models.synthetic import random_experts
+from moe_fusion import catalogue
+from moe_fusion.fuse import candidates
+from moe_fusion.prove import prove
+from moe_fusion.rewrite import build
+
+FIXTURES = Path(__file__).resolve().parent.parent / "models" / "fixtures"
+
+
+def first_block(fixture: str):
+    model = moe_fusion.read_model(FIXTURES / fixture / "openvino_model.xml")
+    blocks, _ = candidates(model, catalogue.load(()))
+    return model, sorted(blocks, key=lambda b: b.name)[0]
+
+
+@pytest.mark.parametrize("fixture", ["gen1-mixtral", "gen2-qwen3moe-norm", "gen1-deepseekv3"])
+def test_router_is_steered_to_every_expert(fixture):
+    _model, block = first_block(fixture)
+    proof = prove(block, *build(block))
+    assert proof.ok, proof.reason
+    assert proof.experts_routed == proof.experts_covered == block.num_experts  # the router itself chose all 8
+    assert proof.cases[:2] == ["1 token", "3 tokens: zero row, duplicated row"]
+    assert "64 tokens steered to every expert" in proof.cases and "64 tokens with forced routing" in proof.cases
+
+
+def unreachable_expert_block():
+    """A synthetic block whose router can never pick expert 7 (a router bias of -1e4 on its logit)."""
+    experts = random_experts(8, 32, 24, seed=5)
+    model, block = synthetic_block(experts)
+    softmax = next(n for n in model.get_ordered_ops() if n.get_type_name() == "Softmax")
+    bias = np.zeros(8, np.float32)
+    bias[7] = -1e4
+    softmax.input(0).replace_source_output(ops.add(softmax.input_value(0), bias).output(0))
+    return model, block
+
+
+def test_coverage_counts_only_experts_that_ran_and_forced_routing_reaches_the_rest():
+    _model, block = unreachable_expert_block()
+    fused, replacement = build(block)
+    proof = prove(block, fused, replacement)
+    assert proof.ok, proof.reason
+    assert proof.experts_routed == 7  # honest: the router never chose expert 7 ...
+    assert proof.experts_covered == 8  # ... forced routing ran it
+
+    bad = faulty(fused, lambda i, a: (i[:3] + [_zero(w, 7) for w in i[3:]], a))  # fault only in expert 7
+    proof = prove(block, bad, bad.output(0))
+    assert not proof.ok and "forced routing" in proof.reason and "7" in proof.reason, proof.reason
+
+
+def _zero(weight, expert):
+    data = array(weight).copy()
+    data[expert] = 0
+    return like(data, weight)
+
+
+def test_forced_routing_is_skipped_with_a_note_when_the_router_is_read_elsewhere():
+    _model, block = first_block("gen1-llama4")  # dense routing built from the TopK itself
+    proof = prove(block, *build(block))
+    assert proof.ok and proof.experts_covered == proof.experts_routed == 8
+    assert any(n.startswith("forced routing skipped") for n in proof.notes)
+
+
+def test_clamp_rows_reach_the_clamp_and_a_dropped_clamp_is_rejected():
+    _model, block = first_block("gen1-gptoss")
+    assert block.expert_alpha > 0
+    fused, replacement = build(block)
+    proof = prove(block, fused, replacement)
+    assert proof.ok and proof.clamp_exercised is True and "16 tokens past the clamp limit" in proof.cases
+    bad = faulty(fused, lambda i, a: (i, {**a, "expert_alpha": 0.0}))
+    proof = prove(block, bad, bad.output(0))
+    assert not proof.ok and proof.reason.startswith("outputs differ on 16 tokens past the clamp limit"), proof.reason
+
+
+def test_zero_row_ties_and_nan_agree_where_the_original_has_them():
+    """PhiMoE's sparsemixer gives NaN on an all-zero row (every router score tied); the replacement reads
+    the same routing, so it agrees; the case still runs and the block is proven."""
+    _model, block = first_block("gen1-phimoe")
+    proof = prove(block, *build(block))
+    assert proof.ok and "3 tokens: zero row, duplicated row" in proof.cases
+
+
+def test_failure_names_the_case_token_and_experts():
+    _model, block = first_block("gen1-mixtral")
+    fused, _ = build(block)
+    bad = faulty(fused, zero_expert)
+    proof = prove(block, bad, bad.output(0))
+    assert not proof.ok and " at token " in proof.reason and "(experts [" in proof.reason
