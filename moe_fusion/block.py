@@ -21,7 +21,7 @@ def module_path(node: ov.Node | None) -> str:
     if node is None:
         return "?"
     name = node.get_friendly_name()
-    if name.startswith("aten::"):  # converted without module scopes (ov.convert_model of a bare module)
+    if name.startswith("aten::") or "/" not in name:  # no module scope: a bare module converted, or added later
         return ""
     return name.rsplit("/aten::", 1)[0].rsplit("/", 1)[0]
 
@@ -30,7 +30,7 @@ def block_name(*nodes: ov.Node | None) -> str:
     """The innermost module holding all `nodes` (a router and the block's output, say), e.g.
     `__module.model.layers.3.mlp` from `...mlp.gate` and `...mlp`."""
     # names and separators; nodes outside any module (added by hand, say) do not narrow it
-    paths = [re.split(r"([./])", path) for path in map(module_path, filter(None, nodes)) if path]
+    paths = [re.split(r"([./])", path) for path in (module_path(n) for n in nodes if n is not None) if path]
     common = []
     for names in zip(*paths, strict=False):
         if len(set(names)) > 1:
