@@ -15,6 +15,7 @@ from llm import F32, generate_logits
 
 import moe_fusion
 from moe_fusion.fuse import fuse
+from moe_fusion.io import save
 
 FIXTURES = Path(__file__).resolve().parent.parent / "models" / "fixtures"
 PLUMBING = ("OneHot", "NonZero", "ScatterElementsUpdate", "ScatterNDUpdate", "Tile")
@@ -58,7 +59,7 @@ def ops_by_type(model) -> Counter:
 
 
 @pytest.mark.parametrize("fixture", sorted(FUSES))
-def test_real_export_fuses_and_stays_equivalent(fixture):
+def test_real_export_fuses_and_stays_equivalent(fixture, tmp_path):
     family, layers, experts_key, top_k_key, inter_key = FUSES[fixture]
     config = json.loads((FIXTURES / fixture / "config.json").read_text())
     if layers is None:  # DeepSeek: dense layers first
@@ -83,6 +84,12 @@ def test_real_export_fuses_and_stays_equivalent(fixture):
     )
     left = {t: n for t, n in in_blocks.items() if n != ROUTER_OPS.get(fixture, {}).get(t)}
     assert not left, f"MoE plumbing left after fusion: {left}"
+
+    # No weight stored twice: the per-expert constants are replaced, not kept beside the stacked ones.
+    save(model, FIXTURES / fixture, tmp_path / "fused")
+    assert (tmp_path / "fused" / "openvino_model.bin").stat().st_size <= (
+        FIXTURES / fixture / "openvino_model.bin"
+    ).stat().st_size
 
     if fixture.startswith("convert-"):  # a single MoE module converted with ov.convert_model
         x = np.random.default_rng(0).standard_normal((1, 7, config["hidden_size"])).astype(np.float32)
