@@ -135,6 +135,28 @@ def strip(value: ov.Output) -> ov.Output:
     return value
 
 
+def unsliced(value: ov.Output, like: ov.Output) -> ov.Output:
+    """`src[0:n, 0:m]` with `n, m = like.shape` (how torch's `scatter(dim, index, src)` reads `src`, index
+    as `like`) is `src` itself when `src` has `like`'s rank and static dims: then `src`, else `value`."""
+    node = value.get_node()
+    if node.get_type_name() != "Slice":
+        return value
+    src, stop = strip(node.input_value(0)), strip(node.input_value(2)).get_node()
+    start, step = (strip(node.input_value(i)).get_node() for i in (1, 3))
+    if not (
+        stop.get_type_name() == "ShapeOf"
+        and same(strip(stop.input_value(0)), strip(like))
+        and all(b.get_type_name() == "Constant" for b in (start, step))
+        and not np.asarray(start.get_data()).any()
+        and (np.asarray(step.get_data()) == 1).all()
+    ):
+        return value
+    have, want = src.get_partial_shape(), like.get_partial_shape()
+    if have.rank != want.rank or any(a.is_static and b.is_static and a != b for a, b in zip(have, want, strict=True)):
+        return value
+    return src
+
+
 def read_linear(values: dict[str, ov.Output], name: str) -> tuple[np.ndarray, ov.Type | None]:
     """The weight of a matched `linear(x, name)` as `[in, out]` (stacked: `[E, in, out]`) plus the type of
     its decompression Convert (None if the Constant feeds the MatMul directly)."""

@@ -5,34 +5,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-import numpy as np
 import openvino as ov
 
-from moe_fusion.pattern import strip
-
-
-def source(value: ov.Output) -> ov.Output:
-    """`value` before layout ops and whole-tensor Slices (`x[0:n]`, as exporters write scatter sources)."""
-    value = strip(value)
-    while value.get_node().get_type_name() == "Slice":
-        node = value.get_node()
-        start, step = (strip(node.input_value(i)).get_node() for i in (1, 3))
-        if not all(n.get_type_name() == "Constant" for n in (start, step)):
-            break
-        if np.any(start.get_data()) or np.any(np.asarray(step.get_data()) != 1):
-            break
-        if strip(node.input_value(2)).get_node().get_type_name() != "ShapeOf":
-            break
-        value = strip(node.input_value(0))
-    return value
+from moe_fusion.pattern import strip, unsliced
 
 
 def describe(routing_weights: ov.Output, topk_indices: ov.Output, weights_on_input: bool = False) -> str:
     selector = strip(topk_indices).get_node()
     if selector.get_type_name() != "TopK":
         return "sparsemixer" if selector.get_type_name() == "Concat" else f"{selector.get_type_name()} selection"
-    scores = source(selector.input_value(0)).get_node().get_type_name()
-    kind = source(routing_weights).get_node().get_type_name()
+    scores = strip(selector.input_value(0)).get_node().get_type_name()
+    kind = unsliced(strip(routing_weights), strip(topk_indices)).get_node().get_type_name()
     if weights_on_input:
         return "top-k on logits -> sigmoid, scales the expert input"
     if scores == "Softmax" and kind == "TopK":

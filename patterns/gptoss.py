@@ -23,7 +23,19 @@ import numpy as np
 import openvino as ov
 
 from moe_fusion.block import Decline, MoEBlock, Weight
-from moe_fusion.pattern import any_input, const, either, match, op, read_linear, reshaped, same, strip, weight
+from moe_fusion.pattern import (
+    any_input,
+    const,
+    either,
+    match,
+    op,
+    read_linear,
+    reshaped,
+    same,
+    strip,
+    unsliced,
+    weight,
+)
 from moe_fusion.reference import GEMM2_BIAS_SWIGLU_CLAMP
 
 FAMILY = "gptoss"
@@ -139,27 +151,6 @@ def _bias(values: dict, name: str, experts: int, width: int, dtype: np.dtype, ro
     return Weight([data], convert_to)
 
 
-def _routing_source(value: ov.Output, indices: ov.Output) -> ov.Output:
-    """torch's `scatter_(1, index, src)` reads `src[:index.shape]`: skip that Slice when it cuts nothing,
-    i.e. it starts at 0, steps 1 and stops at the shape of the indices while `src` is `[T, K]` already."""
-    node = value.get_node()
-    if node.get_type_name() != "Slice":
-        return value
-    stop, src = node.input_value(2).get_node(), node.input_value(0)
-    bounds = [node.input_value(i).get_node() for i in (1, 3)]
-    if (
-        stop.get_type_name() == "ShapeOf"
-        and same(strip(stop.input_value(0)), indices)
-        and all(b.get_type_name() == "Constant" for b in bounds)
-        and not np.asarray(bounds[0].get_data()).any()
-        and (np.asarray(bounds[1].get_data()) == 1).all()
-        and src.get_partial_shape().rank.get_length() == 2
-        and src.get_partial_shape()[1] == indices.get_partial_shape()[1]
-    ):
-        return src
-    return value
-
-
 def _block(values: dict) -> MoEBlock:
     indices = strip(values["topk_indices"])
     router = indices.get_node()
@@ -232,7 +223,7 @@ def _block(values: dict) -> MoEBlock:
         family=FAMILY,
         router=router,
         hidden=hidden,
-        routing_weights=_routing_source(strip(values["routing_weights"]), indices),
+        routing_weights=unsliced(strip(values["routing_weights"]), indices),
         topk_indices=indices,
         output=output,
         num_experts=dense.get_output_partial_shape(0)[-1].get_length(),

@@ -18,7 +18,7 @@ import numpy as np
 import openvino.opset14 as ops
 
 from moe_fusion.block import Decline, MoEBlock, Weight
-from moe_fusion.pattern import any_input, const, match, op, read_linear, reshaped, same, strip, swish, weight
+from moe_fusion.pattern import any_input, const, match, op, read_linear, reshaped, same, strip, swish, unsliced, weight
 
 FAMILY = "llama4"
 
@@ -62,7 +62,7 @@ def _block(values: dict) -> MoEBlock:
     router = indices.get_node()
     if router.get_type_name() != "TopK" or indices.get_index() != 1:
         raise Decline("scores are not scattered at a router's top-k indices", values["scatter"].get_node())
-    top_value = _full_slice_of(values["topk_values"])
+    top_value = unsliced(values["topk_values"], indices)
     if not same(top_value, router.output(0)):
         raise Decline("scattered scores are not the router's top-k values", values["scatter"].get_node(), router)
     fill = _numbers(values["fill"])
@@ -118,17 +118,3 @@ def _block(values: dict) -> MoEBlock:
         expert_beta=beta,
         weights_on_input=True,
     )
-
-
-def _full_slice_of(value):
-    """`x[0:shape, ...]` with unit steps, as the exporter writes scatter's `src`, is x itself."""
-    node = value.get_node()
-    if node.get_type_name() != "Slice":
-        return strip(value)
-    start, step = _numbers(node.input_value(1)), _numbers(node.input_value(3))
-    if start is None or step is None or np.any(start) or np.any(step != 1):
-        return value
-    source, end = strip(node.input_value(0)), strip(node.input_value(2)).get_node()
-    if end.get_type_name() != "ShapeOf" or not same(strip(end.input_value(0)).get_node().output(0), source):
-        return value
-    return source
