@@ -1,0 +1,269 @@
+"""FusedExperts -> native OpenVINO ops, so a fused model runs with plain OpenVINO (no Python op).
+
+Targets (docs/lowering.md has the measurements behind the default):
+
+- `tiled`: the tiled MoE block the CPU plugin's `ConvertTiledMoeBlockToGatherMatmuls` matches (x86-64) and
+  turns into `GatherMatmul` (`GatherMatmulCompressed` for int8/int4 weights), which computes only the top-k
+  experts of each token. Elsewhere (other devices, a pattern that stops matching) the same graph still runs
+  correctly, densely: every expert on every token.
+- `grouped`: tokens sorted by expert, then opset17 `GroupedMatMul` with cumulative end offsets per expert.
+
+Expert GEMMs are written `MatMul(x, W, transpose_b=True)` on out-major weights `[E, out, in]`, the layout the
+plugin's GatherMatmul and its compressed kernels read. A weight that arrives as
+`Transpose(decompressed [E, out, in], [0, 2, 1])` (compressed weights: Constant u8/i8/u4/i4 -> Convert ->
+[Subtract] -> Multiply -> [Reshape] -> [Convert]) is used without that Transpose; plain constants (or
+Convert(Constant)) are transposed once in numpy here, so the saved IR already holds the layout and compiling
+does no folding.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import openvino as ov
+import openvino.opset11 as ops11
+import openvino.opset14 as ops
+import openvino.opset15 as ops15
+import openvino.opset17 as ops17
+
+from openvino.utils.node_factory import NodeFactory
+
+from moe_fusion.reference import GEMM2_BIAS_SWIGLU_CLAMP, GEMM3_SWIGLU
+
+FUSED_EXPERTS = "FusedExperts"
+TILED = "tiled"
+GROUPED = "grouped"
+TARGETS = (TILED, GROUPED)
+DEFAULT_TARGET = TILED
+_I64_MAX = np.iinfo(np.int64).max
+_OPSET4 = NodeFactory("opset4")
+
+
+class LowerError(ValueError):
+    """A FusedExperts that cannot be lowered to the requested target."""
+
+
+@dataclass
+class LowerReport:
+    target: str
+    lowered: list[str] = field(default_factory=list)  # friendly names of the FusedExperts replaced
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        n = len(self.lowered)
+        return f"{n} FusedExperts lowered to {self.target} ops in {self.seconds:.2f} s"
+
+
+def fused_experts_nodes(model: ov.Model) -> list[ov.Node]:
+    return [n for n in model.get_ordered_ops() if n.get_type_name() == FUSED_EXPERTS]
+
+
+def lower(model: ov.Model, target: str = DEFAULT_TARGET) -> LowerReport:
+    """Replace every FusedExperts of `model` in place by native ops of `target` (see TARGETS)."""
+    if target not in TARGETS:
+        raise LowerError(f"lowering target {target!r} is unknown; expected one of {', '.join(TARGETS)}")
+    start = time.perf_counter()
+    report = LowerReport(target)
+    build = _tiled if target == TILED else _grouped
+    for node in fused_experts_nodes(model):
+        replacement = build(_Experts(node))
+        output = node.output(0)
+        names = output.get_names()
+        output.replace(replacement)
+        if names:
+            replacement.get_tensor().set_names(names)
+        report.lowered.append(node.get_friendly_name())
+    if report.lowered:
+        model.validate_nodes_and_infer_types()
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+# ---- reading a FusedExperts -----------------------------------------------------------------------------
+
+
+class _Experts:
+    """A FusedExperts' inputs and attributes, weights re-expressed out-major `[E, out, in]`."""
+
+    def __init__(self, node: ov.Node) -> None:
+        attrs = node.get_attributes()
+        self.name = node.get_friendly_name()
+        self.expert_type = str(attrs["expert_type"])
+        self.alpha = float(attrs["expert_alpha"])
+        self.beta = float(attrs["expert_beta"])
+        self.gate_idx = int(attrs["gate_idx"])
+        self.hidden = node.input_value(0)
+        self.float_type = self.hidden.get_element_type()
+        self.routing = _as_type(node.input_value(1), self.float_type)
+        self.indices = node.input_value(2)
+        first = node.get_input_partial_shape(3)
+        self.num_experts, self.hidden_size = first[0].get_length(), first[1].get_length()
+        if self.expert_type == GEMM3_SWIGLU:
+            self.matrices = [_out_major(node.input_value(i)) for i in (3, 4, 5)]  # gate, up, down
+            self.biases: list[ov.Output | None] = [None, None]
+        elif self.expert_type == GEMM2_BIAS_SWIGLU_CLAMP:
+            self.matrices = [_out_major(node.input_value(i)) for i in (3, 5)]  # gate_up, down
+            self.biases = [node.input_value(4), node.input_value(6)]
+        else:
+            raise LowerError(f"{self.name}: expert_type {self.expert_type!r} cannot be lowered")
+        self.matrices = [_as_type(m, self.float_type) for m in self.matrices]
+
+    def flat_hidden(self) -> ov.Output:
+        return ops.reshape(self.hidden, _i64([-1, self.hidden_size]), False).output(0)
+
+    def restore_shape(self, out: ov.Output) -> ov.Output:
+        """[T, H] back to hidden_states' shape (and name it after the FusedExperts)."""
+        result = ops.reshape(out, ops.shape_of(self.hidden), False)
+        result.set_friendly_name(self.name)
+        return result.output(0)
+
+    def scalar(self, value: float) -> ov.Output:
+        return ops.constant(np.array(value, dtype=self.float_type.to_dtype())).output(0)
+
+
+def _i64(values) -> ov.Output:
+    return ops.constant(np.asarray(values, dtype=np.int64)).output(0)
+
+
+def _as_type(value: ov.Output, element_type: ov.Type) -> ov.Output:
+    return value if value.get_element_type() == element_type else ops.convert(value, element_type).output(0)
+
+
+def _transposed_constant(const: ov.Node) -> ov.Output:
+    """A Constant `[E, in, out]` copied out-major `[E, out, in]` (done once here, not at every compile)."""
+    element_type = const.get_element_type()
+    data = const.get_data()
+    if element_type == ov.Type.bf16:  # get_data shows bf16 as float16: move the raw bits
+        data = data.view(np.uint16)
+    moved = np.ascontiguousarray(np.swapaxes(data, 1, 2))  # Constant() needs C-contiguous data
+    tensor = ov.Tensor(element_type, ov.Shape(list(moved.shape)))
+    tensor.data.view(moved.dtype)[...] = moved
+    return ov.op.Constant(tensor).output(0)
+
+
+def _is_swap_last_two(node: ov.Node) -> bool:
+    if node.get_type_name() != "Transpose":
+        return False
+    perm = node.input_value(1).get_node()
+    return perm.get_type_name() == "Constant" and list(perm.get_data()) == [0, 2, 1]
+
+
+def _out_major(weight: ov.Output) -> ov.Output:
+    """The same weight `[E, in, out]` as an out-major `[E, out, in]` value for `MatMul(transpose_b=True)`."""
+    node = weight.get_node()
+    if _is_swap_last_two(node):  # compressed weights: read the decompression subgraph as it is stored
+        return node.input_value(0)
+    if node.get_type_name() == "Constant" and node.get_element_type().bitwidth >= 8:
+        return _transposed_constant(node)
+    if node.get_type_name() == "Convert":  # f16/bf16 decompression: transpose the storage, keep the Convert
+        source = node.input_value(0).get_node()
+        if source.get_type_name() == "Constant" and source.get_element_type().bitwidth >= 8:
+            return ops.convert(_transposed_constant(source), node.get_output_element_type(0)).output(0)
+    return ops.transpose(weight, _i64([0, 2, 1])).output(0)  # anything else: let the plugin fold it
+
+
+def _bias(experts: _Experts, bias: ov.Output, shape: list[int]) -> ov.Output:
+    """A bias `[E, out]` as an f32/hidden-typed Constant of `shape` when it is constant (the plugin's 2-GEMM
+    pattern wants a Constant there); otherwise a Reshape of the value."""
+    node, target = bias.get_node(), experts.float_type
+    if node.get_type_name() == "Convert" and node.input_value(0).get_node().get_type_name() == "Constant":
+        node = node.input_value(0).get_node()
+    if node.get_type_name() == "Constant" and node.get_element_type() != ov.Type.bf16:
+        data = node.get_data().astype(np.float32).reshape(shape)
+        if target == ov.Type.bf16:
+            return ops.convert(ops.constant(data), target).output(0)
+        return ops.constant(np.ascontiguousarray(data.astype(target.to_dtype()))).output(0)
+    return _as_type(ops.reshape(bias, _i64(shape), False).output(0), target)
+
+
+def _gemm2_activation(experts: _Experts, gate_up: ov.Output, axis: int) -> ov.Output:
+    """`(clamp(up) + 1) * swish(min(gate, limit), beta)` on interleaved lanes, in the op order the CPU
+    plugin's 2-GEMM pattern reads (Slice -> Clamp -> Add; Slice -> Minimum -> Swish; Multiply)."""
+    limit = experts.alpha if experts.alpha > 0 else np.inf  # no clamp: +-inf keeps the pattern's shape
+    lane = experts.gate_idx
+    up = ops.slice(gate_up, _i64([1 - lane]), _i64([_I64_MAX]), _i64([2]), _i64([axis]))
+    up = ops.add(ops.clamp(up, -limit, limit), experts.scalar(1.0))
+    gate = ops.slice(gate_up, _i64([lane]), _i64([_I64_MAX]), _i64([2]), _i64([axis]))
+    gate = ops.swish(ops.minimum(gate, experts.scalar(limit)), experts.scalar(experts.beta))
+    return ops.multiply(up, gate).output(0)
+
+
+def _swish(experts: _Experts, gate: ov.Output) -> ov.Output:
+    # The plugin's 3-GEMM pattern matches a one-input Swish only; opset Python's swish(x) always adds a
+    # beta input, so build it through the node factory. Another beta keeps its input (and no GatherMatmul).
+    if experts.beta == 1.0:
+        return _OPSET4.create("Swish", [gate], {}).output(0)
+    return ops.swish(gate, experts.scalar(experts.beta)).output(0)
+
+
+# ---- target: tiled (CPU GatherMatmul) -------------------------------------------------------------------
+
+
+def _tiled(experts: _Experts) -> ov.Output:
+    e, h = experts.num_experts, experts.hidden_size
+    x = experts.flat_hidden()  # [T, H]
+    tokens = ops.gather(ops.shape_of(x), _i64([0]), _i64(0))
+    # The 2-GEMM pattern wants a Reshape feeding the Tile; flat_hidden is one.
+    tiled = ops.reshape(ops.tile(x, _i64([e, 1])), _i64([e, -1, h]), False)  # [E, T, H]
+
+    def gemm(a, w):
+        return ops.matmul(a, w, False, True)
+
+    if experts.expert_type == GEMM3_SWIGLU:
+        w_gate, w_up, w_down = experts.matrices
+        act = ops.multiply(_swish(experts, gemm(tiled, w_gate).output(0)), gemm(tiled, w_up))
+        y = gemm(act, w_down)
+    else:
+        w_gate_up, w_down = experts.matrices
+        b_gate_up, b_down = experts.biases
+        gate_up = ops.add(gemm(tiled, w_gate_up), _bias(experts, b_gate_up, [e, 1, -1]))
+        act = _gemm2_activation(experts, gate_up.output(0), 2)
+        y = ops.add(gemm(act, w_down), _bias(experts, b_down, [e, 1, h]))
+    # The pattern's end Reshape, [E, T, 1, H] as optimum-intel exports it (a no-op [E, T, H] one would be
+    # removed before the plugin's pass runs); the pass reshapes the sum to this shape minus E.
+    y = ops.reshape(y, _i64([e, -1, 1, h]), False)
+    # Dense routing [T, E] (zero outside the top-k; a repeated expert adds up), as [E, T, 1, 1].
+    zeros = ops.broadcast(experts.scalar(0.0), ops.concat([tokens, _i64([e])], 0))
+    dense = ops.scatter_elements_update(zeros, experts.indices, experts.routing, 1, "sum")
+    routing = ops.unsqueeze(ops.reshape(ops.transpose(dense, _i64([1, 0])), _i64([e, -1, 1]), False), _i64(-1))
+    out = ops.reduce_sum(ops.multiply(y, routing), _i64([0]), False)  # [T, 1, H]
+    return experts.restore_shape(out.output(0))
+
+
+# ---- target: grouped (opset17 GroupedMatMul) ------------------------------------------------------------
+
+
+def _grouped(experts: _Experts) -> ov.Output:
+    e, h = experts.num_experts, experts.hidden_size
+    top_k = experts.indices.get_partial_shape()[-1].get_length()
+    x = experts.flat_hidden()  # [T, H]
+    slot_expert = ops.convert(ops.reshape(experts.indices, _i64([-1]), False), ov.Type.i32)  # [T*K]
+    slots = ops.shape_of(slot_expert, ov.Type.i32)
+    # Sort the T*K routing slots by expert (stable: slot order within an expert is kept).
+    by_expert = ops11.topk(slot_expert, ops.squeeze(slots, _i64([0])), 0, "min", "value", "i32", stable=True)
+    sorted_expert, order = by_expert.output(0), by_expert.output(1)
+    ends = ops15.search_sorted(sorted_expert, ops.constant(np.arange(e, dtype=np.int32)), right_mode=True)
+    token = ops.divide(order, ops.constant(np.array(top_k, np.int32)))  # integer division: slot // K
+    rows = ops.gather(x, token, _i64(0))  # [T*K, H], grouped by expert
+
+    def gemm(a, w):
+        return ops17.grouped_matmul(a, w, ends)
+
+    if experts.expert_type == GEMM3_SWIGLU:
+        w_gate, w_up, w_down = experts.matrices
+        act = ops.multiply(_swish(experts, gemm(rows, w_gate).output(0)), gemm(rows, w_up))
+        y = gemm(act, w_down)
+    else:
+        w_gate_up, w_down = experts.matrices
+        b_gate_up, b_down = experts.biases
+        bias_up = ops.gather(_bias(experts, b_gate_up, [e, -1]), sorted_expert, _i64(0))
+        act = _gemm2_activation(experts, ops.add(gemm(rows, w_gate_up), bias_up).output(0), 1)
+        y = ops.add(gemm(act, w_down), ops.gather(_bias(experts, b_down, [e, h]), sorted_expert, _i64(0)))
+    weight = ops.gather(ops.reshape(experts.routing, _i64([-1, 1]), False), order, _i64(0))  # [T*K, 1]
+    y = ops.multiply(y, weight)
+    # Back to slot order (order is a permutation), then sum each token's K slots.
+    placed = ops.scatter_update(ops.broadcast(experts.scalar(0.0), ops.shape_of(y)), order, y, _i64(0))
+    out = ops.reduce_sum(ops.reshape(placed, _i64([-1, top_k, h]), False), _i64([1]), False)
+    return experts.restore_shape(out.output(0))
