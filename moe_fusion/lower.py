@@ -27,7 +27,6 @@ import openvino.opset11 as ops11
 import openvino.opset14 as ops
 import openvino.opset15 as ops15
 import openvino.opset17 as ops17
-
 from openvino.utils.node_factory import NodeFactory
 
 from moe_fusion.reference import GEMM2_BIAS_SWIGLU_CLAMP, GEMM3_SWIGLU
