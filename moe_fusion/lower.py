@@ -59,15 +59,19 @@ def fused_experts_nodes(model: ov.Model) -> list[ov.Node]:
     return [n for n in model.get_ordered_ops() if n.get_type_name() == FUSED_EXPERTS]
 
 
-def lower(model: ov.Model, target: str = DEFAULT_TARGET) -> LowerReport:
-    """Replace every FusedExperts of `model` in place by native ops of `target` (see TARGETS)."""
+def lower(model: ov.Model, target: str = DEFAULT_TARGET, *, copy_weights: bool = True) -> LowerReport:
+    """Replace every FusedExperts of `model` in place by native ops of `target` (see TARGETS).
+
+    `copy_weights`: store plain (or Convert-ed) constant weights out-major, transposed once here in numpy;
+    False inserts a Transpose instead, which the plugin folds at every compile (benchmarks/lowering.py
+    measures both)."""
     if target not in TARGETS:
         raise LowerError(f"lowering target {target!r} is unknown; expected one of {', '.join(TARGETS)}")
     start = time.perf_counter()
     report = LowerReport(target)
     build = _tiled if target == TILED else _grouped
     for node in fused_experts_nodes(model):
-        replacement = build(_Experts(node))
+        replacement = build(_Experts(node, copy_weights))
         output = node.output(0)
         names = output.get_names()
         output.replace(replacement)
@@ -86,7 +90,7 @@ def lower(model: ov.Model, target: str = DEFAULT_TARGET) -> LowerReport:
 class _Experts:
     """A FusedExperts' inputs and attributes, weights re-expressed out-major `[E, out, in]`."""
 
-    def __init__(self, node: ov.Node) -> None:
+    def __init__(self, node: ov.Node, copy_weights: bool = True) -> None:
         attrs = node.get_attributes()
         self.name = node.get_friendly_name()
         self.expert_type = str(attrs["expert_type"])
@@ -100,10 +104,10 @@ class _Experts:
         first = node.get_input_partial_shape(3)
         self.num_experts, self.hidden_size = first[0].get_length(), first[1].get_length()
         if self.expert_type == GEMM3_SWIGLU:
-            self.matrices = [_out_major(node.input_value(i)) for i in (3, 4, 5)]  # gate, up, down
+            self.matrices = [_out_major(node.input_value(i), copy_weights) for i in (3, 4, 5)]  # gate, up, down
             self.biases: list[ov.Output | None] = [None, None]
         elif self.expert_type == GEMM2_BIAS_SWIGLU_CLAMP:
-            self.matrices = [_out_major(node.input_value(i)) for i in (3, 5)]  # gate_up, down
+            self.matrices = [_out_major(node.input_value(i), copy_weights) for i in (3, 5)]  # gate_up, down
             self.biases = [node.input_value(4), node.input_value(6)]
         else:
             raise LowerError(f"{self.name}: expert_type {self.expert_type!r} cannot be lowered")
@@ -149,18 +153,18 @@ def _is_swap_last_two(node: ov.Node) -> bool:
     return perm.get_type_name() == "Constant" and list(perm.get_data()) == [0, 2, 1]
 
 
-def _out_major(weight: ov.Output) -> ov.Output:
+def _out_major(weight: ov.Output, copy: bool = True) -> ov.Output:
     """The same weight `[E, in, out]` as an out-major `[E, out, in]` value for `MatMul(transpose_b=True)`."""
     node = weight.get_node()
     if _is_swap_last_two(node):  # compressed weights: read the decompression subgraph as it is stored
         return node.input_value(0)
+    decompress = None  # f16/bf16 storage behind a Convert: move the storage, keep the Convert after it
+    if node.get_type_name() == "Convert" and node.input_value(0).get_node().get_type_name() == "Constant":
+        decompress, node = node.get_output_element_type(0), node.input_value(0).get_node()
     if node.get_type_name() == "Constant" and node.get_element_type().bitwidth >= 8:
-        return _transposed_constant(node)
-    if node.get_type_name() == "Convert":  # f16/bf16 decompression: transpose the storage, keep the Convert
-        source = node.input_value(0).get_node()
-        if source.get_type_name() == "Constant" and source.get_element_type().bitwidth >= 8:
-            return ops.convert(_transposed_constant(source), node.get_output_element_type(0)).output(0)
-    return ops.transpose(weight, _i64([0, 2, 1])).output(0)  # anything else: let the plugin fold it
+        moved = _transposed_constant(node) if copy else ops.transpose(node, _i64([0, 2, 1])).output(0)
+        return moved if decompress is None else ops.convert(moved, decompress).output(0)
+    return ops.transpose(weight, _i64([0, 2, 1])).output(0)  # anything else: the plugin folds or runs it
 
 
 def _bias(experts: _Experts, bias: ov.Output, shape: list[int]) -> ov.Output:

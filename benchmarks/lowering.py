@@ -1,0 +1,189 @@
+"""Compile time, prefill and decode latency of one MoE layer: unfused originals vs FusedExperts lowered.
+
+    python benchmarks/lowering.py [--layer qwen3|mixtral] [--weights f16|int4] [--runs 5]
+                                  [--targets tiled,grouped] [--precision default|f32|bf16] [--no-reference]
+
+Builds the layer (models/bench_models.py) as the per-expert loop an optimum-intel 1.x export holds (F1) and
+as the tiled form OpenVINO's CPU plugin runs natively as GatherMatmul (F2), fuses the loop into FusedExperts
+(moe_fusion.fuse) and lowers it to each target (moe_fusion.lower), all in this one run, and prints per form:
+compile time, prefill (T=128) and decode (T=1) latency as the median of --runs, their ratios against the
+loop and the native tiled path, and the decode bandwidth floor: the bytes of the K experts a token reads
+divided by the memory read bandwidth measured here (numpy, one thread). int4 weights: moe_fusion.fuse does
+not fuse compressed weights yet, so the FusedExperts is built directly in the form that rewrite produces.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import openvino as ov
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from models.bench_models import SHAPES, WEIGHT_TYPES, fused_layer, layer_weights, loop_layer, tiled_layer
+from moe_fusion.fuse import fuse
+from moe_fusion.io import core
+from moe_fusion.lower import TARGETS, lower
+
+PREFILL, DECODE = 128, 1
+
+
+@dataclass
+class Row:
+    form: str
+    compile_s: float
+    prefill_ms: float
+    decode_ms: float
+    prepare_s: float = 0.0  # fuse + lower (or building the FusedExperts), outside compile
+    max_rel: float = 0.0  # largest |difference| vs the loop original, relative to its scale (prefill)
+
+
+def read_bandwidth(gib: float = 1.0, repeats: int = 3) -> float:
+    """Bytes per second numpy reads a `gib` GiB array with (sum over it, one thread), best of `repeats`."""
+    a = np.ones(int(gib * (1 << 30)) // 8, dtype=np.float64)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a.sum()
+        best = min(best, time.perf_counter() - start)
+    return a.nbytes / best
+
+
+def median_ms(request: ov.InferRequest, x: np.ndarray, runs: int) -> float:
+    request.infer({0: x})  # warm-up: first touch of the weights, shape-dependent kernels
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        request.infer({0: x})
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def measure(form: str, model: ov.Model, config: dict, runs: int, inputs: dict, want: np.ndarray | None,
+            prepare_s: float = 0.0) -> tuple[Row, np.ndarray]:
+    start = time.perf_counter()
+    compiled = core().compile_model(model, "CPU", config)
+    compile_s = time.perf_counter() - start
+    request = compiled.create_infer_request()
+    prefill = median_ms(request, inputs["prefill"], runs)
+    decode = median_ms(request, inputs["decode"], runs)
+    got = request.infer({0: inputs["prefill"]})[0].copy()
+    rel = 0.0 if want is None else float(np.abs(got - want).max() / np.abs(want).max())
+    del request, compiled
+    gc.collect()
+    return Row(form, compile_s, prefill, decode, prepare_s, rel), got
+
+
+def timed(fn: Callable[[], ov.Model]) -> tuple[ov.Model, float]:
+    start = time.perf_counter()
+    model = fn()
+    return model, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layer", choices=sorted(SHAPES), default="qwen3")
+    parser.add_argument("--weights", choices=WEIGHT_TYPES, default="f16")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--targets", default=",".join(TARGETS), help="lowering targets, comma-separated")
+    parser.add_argument("--precision", default="default", help="INFERENCE_PRECISION_HINT (default: the plugin's)")
+    parser.add_argument("--no-reference", action="store_true", help="skip the FusedExperts numpy kernel")
+    parser.add_argument("--transpose-op", action="store_true",
+                        help="also lower with a Transpose the plugin folds at compile (vs weights copied once)")
+    args = parser.parse_args()
+    shape = SHAPES[args.layer]
+    config = {} if args.precision == "default" else {"INFERENCE_PRECISION_HINT": args.precision}
+    targets = [t for t in args.targets.split(",") if t]
+
+    bandwidth = read_bandwidth()
+    weights = layer_weights(shape, args.weights)
+    expert_bytes = weights.expert_bytes()
+    decode_floor = 1e3 * shape.top_k * expert_bytes / bandwidth
+    prefill_floor = 1e3 * shape.experts * expert_bytes / bandwidth
+    precision = core().get_property("CPU", "INFERENCE_PRECISION_HINT") if not config else args.precision
+    print(f"{shape.name} layer: H={shape.hidden} I={shape.intermediate} E={shape.experts} K={shape.top_k}, "
+          f"{args.weights} weights {shape.experts * expert_bytes / 1e9:.2f} GB; CPU precision {precision}, "
+          f"{core().get_property('CPU', 'INFERENCE_NUM_THREADS') or 'default'} threads; median of {args.runs}")
+    print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s (numpy, 1 thread): decode floor {decode_floor:.2f} ms "
+          f"(K experts, {shape.top_k * expert_bytes / 1e6:.0f} MB), all-experts stream {prefill_floor:.1f} ms")
+
+    rng = np.random.default_rng(0)
+    inputs = {n: rng.standard_normal((1, t, shape.hidden), dtype=np.float32) for n, t in
+              (("prefill", PREFILL), ("decode", DECODE))}
+    rows: list[Row] = []
+    if args.weights == "f16":
+        loop, build_s = timed(lambda: loop_layer(weights))
+        row, want = measure("F1 loop (original)", loop, config, args.runs, inputs, None, build_s)
+        rows.append(row)
+        native, build_s = timed(lambda: tiled_layer(weights))
+        rows.append(measure("F2 tiled (native GatherMatmul)", native, config, args.runs, inputs, want, build_s)[0])
+        del native
+
+        def fused_from_loop() -> ov.Model:
+            model = loop.clone()
+            report = fuse(model, verify=False)
+            assert [b.status for b in report.blocks] == ["fused"], report.table()
+            return model
+
+        fused, fuse_s = timed(fused_from_loop)
+        source = "F1"
+    else:
+        want = None
+        native, build_s = timed(lambda: tiled_layer(weights))
+        row, want = measure("F2 tiled (native GatherMatmul)", native, config, args.runs, inputs, None, build_s)
+        rows.append(row)
+        del native
+        fused, fuse_s = timed(lambda: fused_layer(weights))
+        source = "built"
+    gc.collect()
+
+    variants = [(t, True) for t in targets]
+    if args.transpose_op:
+        variants.append((targets[0], False))
+    for target, copy in variants:
+        def lowered(target=target, copy=copy) -> ov.Model:
+            model = fused.clone()
+            lower(model, target, copy_weights=copy)
+            return model
+
+        model, lower_s = timed(lowered)
+        label = f"{source} -> lowered {target}" + ("" if copy else " (Transpose op)")
+        rows.append(measure(label, model, config, args.runs, inputs, want, fuse_s + lower_s)[0])
+        del model
+        gc.collect()
+    if not args.no_reference:
+        rows.append(measure(f"{source} -> FusedExperts (numpy)", fused, config, max(3, args.runs // 2),
+                            inputs, want, fuse_s)[0])
+    _table(rows, decode_floor, prefill_floor)
+
+
+def _table(rows: list[Row], decode_floor: float, prefill_floor: float) -> None:
+    base = rows[0]
+    native = next((r for r in rows if r.form.startswith("F2")), None)
+    head = (f"{'form':<34} {'prep s':>6} {'compile s':>9} {'prefill ms':>10} {'decode ms':>9} | "
+            f"{'compile':>7} {'prefill':>7} {'decode':>7} vs {base.form.split()[0]} | "
+            f"{'prefill':>7} {'decode':>7} vs native | {'floor/decode':>12} {'max rel':>8}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        vs_native = (f"{native.prefill_ms / r.prefill_ms:>6.2f}x {native.decode_ms / r.decode_ms:>6.2f}x"
+                     if native else " " * 15)
+        print(f"{r.form:<34} {r.prepare_s:>6.1f} {r.compile_s:>9.2f} {r.prefill_ms:>10.1f} {r.decode_ms:>9.2f} | "
+              f"{base.compile_s / r.compile_s:>6.2f}x {base.prefill_ms / r.prefill_ms:>6.2f}x "
+              f"{base.decode_ms / r.decode_ms:>6.2f}x    | {vs_native}           | "
+              f"{decode_floor / r.decode_ms:>11.0%} {r.max_rel:>8.1e}")
+    print(f"ratios > 1: faster than the loop / the native path. floor/decode: decode floor {decode_floor:.2f} ms "
+          f"over the measured decode (100% = at the bandwidth bound); prefill's all-experts stream is "
+          f"{prefill_floor:.1f} ms. max rel: prefill output vs the first row, at the run's precision.")
+
+
+if __name__ == "__main__":
+    main()
