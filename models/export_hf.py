@@ -176,21 +176,49 @@ def build(name, spec, folder):
     return model
 
 
-def export(name, spec, out_root, hf_only=False):
+# --weight-format variants and the quantization config `optimum-cli export openvino --weight-format W [--sym]
+# [--group-size G] --ratio 1.0 --group-size-fallback adjust` builds for them (NNCF data-free compression,
+# applied by optimum's _main_quantize after the fp32 export, as the CLI does). The fixture is named
+# <gen>-<spec>-<variant>. "adjust": expert down projections have 40 input channels, which no group of
+# 16/32 divides, so NNCF keeps them at its int8_asym backup, as it does for such layers in real models.
+WEIGHT_FORMATS = {
+    "fp16": None,
+    "int8-sym": dict(bits=8, sym=True, group_size=-1),
+    "int8-asym": dict(bits=8, sym=False, group_size=-1),
+    "int4-g16-sym": dict(bits=4, sym=True, group_size=16),
+    "int4-g16-asym": dict(bits=4, sym=False, group_size=16),
+    "int4-g32-sym": dict(bits=4, sym=True, group_size=32),
+    "int4-g32-asym": dict(bits=4, sym=False, group_size=32),
+}
+
+
+def quantization_config(weight_format):
+    options = dict(WEIGHT_FORMATS[weight_format])
+    dtype = f"int{options['bits']}"
+    return {**options, "ratio": 1.0, "dtype": dtype, "quant_method": "default", "group_size_fallback": "adjust"}
+
+
+def export(name, spec, out_root, hf_only=False, weight_format=None):
     from optimum.exporters.openvino import main_export
+    from optimum.exporters.openvino.__main__ import _main_quantize
     from optimum.intel import OVConfig
 
-    out = Path(out_root) / f"{GEN}-{name}"
+    out = Path(out_root) / (f"{GEN}-{name}" + (f"-{weight_format}" if weight_format else ""))
     if hf_only:
         build(name, spec, out.with_name(out.name + "-hf"))
         return out.with_name(out.name + "-hf")
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "hf", Path(tmp) / "ov"
         build(name, spec, src)
+        dtype = "fp16" if weight_format == "fp16" else "fp32"
         with (spec.setup() if spec.setup else contextlib.nullcontext()):
             # == optimum-cli export openvino --task text-generation-with-past --weight-format fp32 src dst
             main_export(model_name_or_path=str(src), output=dst, task="text-generation-with-past",
-                        ov_config=OVConfig(dtype="fp32"), convert_tokenizer=False, library_name="transformers")
+                        ov_config=OVConfig(dtype=dtype), convert_tokenizer=False, library_name="transformers")
+            if WEIGHT_FORMATS.get(weight_format):
+                _main_quantize(model_name_or_path=str(src), task="text-generation-with-past",
+                               library_name="transformers", quantization_config=quantization_config(weight_format),
+                               output=dst, cache_dir=str(Path(tmp) / "cache"))
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
         for f in KEEP:
@@ -234,6 +262,7 @@ def main():
     ap.add_argument("--out", default=str(Path(__file__).parent / "fixtures"))
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--hf-only", action="store_true", help="only save the HF source folders")
+    ap.add_argument("--weight-format", choices=sorted(WEIGHT_FORMATS), help="compressed export (default fp32)")
     ap.add_argument("names", nargs="*", help=f"spec names (default: all for {GEN})")
     args = ap.parse_args()
     mine = [n for n, s in SPECS.items() if GEN in s.gens] + [n for n, (g, _) in EXTRA.items() if g == GEN]
@@ -248,7 +277,10 @@ def main():
         if n in EXTRA and args.hf_only:
             continue
         try:
-            out = EXTRA[n][1](args.out) if n in EXTRA else export(n, SPECS[n], args.out, args.hf_only)
+            if n in EXTRA:
+                out = EXTRA[n][1](args.out)
+            else:
+                out = export(n, SPECS[n], args.out, args.hf_only, args.weight_format)
             print(f"[ok] {n} -> {out}")
         except Exception as e:  # keep going: record failures, export the rest
             failed.append(n)

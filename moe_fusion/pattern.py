@@ -14,6 +14,8 @@ import numpy as np
 import openvino as ov
 from openvino.passes import AnyInput, Matcher, Or, WrapType
 
+from moe_fusion.compressed import Compressed, is_plain, is_weight
+
 Pattern = ov.Node
 _NAME_PREFIX = "moe_fusion:"
 
@@ -97,8 +99,9 @@ def match(pattern: Pattern, output: ov.Output) -> dict[str, ov.Output] | None:
 
 
 def weight(name: str) -> Pattern:
-    """A weight as exporters store it: a Constant, optionally behind a decompression Convert."""
-    return either(op("Convert", const(name)), const(name))
+    """A weight as exporters store it: a Constant, optionally behind a decompression subgraph (f16 Convert,
+    NNCF int8/int4 scales and zero points)."""
+    return _named(AnyInput(is_weight), name)
 
 
 def linear(x: Pattern, name: str) -> Pattern:
@@ -157,14 +160,17 @@ def unsliced(value: ov.Output, like: ov.Output) -> ov.Output:
     return src
 
 
-def read_linear(values: dict[str, ov.Output], name: str) -> tuple[np.ndarray, ov.Type | None]:
+def read_linear(values: dict[str, ov.Output], name: str) -> tuple[np.ndarray | Compressed, ov.Type | None]:
     """The weight of a matched `linear(x, name)` as `[in, out]` (stacked: `[E, in, out]`) plus the type of
-    its decompression Convert (None if the Constant feeds the MatMul directly)."""
+    its decompression Convert (None if the Constant feeds the MatMul directly). Weights behind an integer
+    decompression come back as `Compressed`, never dequantised."""
     matmul = values[name + "_matmul"].get_node()
     attrs = matmul.get_attributes()
     if attrs["transpose_a"]:
         raise ValueError(f"{name} MatMul transposes its activation input")
     source = matmul.input_value(1)
+    if not is_plain(source):
+        return Compressed(source, attrs["transpose_b"]), None
     convert_to = None
     if source.get_node().get_type_name() == "Convert":
         convert_to = source.get_element_type()

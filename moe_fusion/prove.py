@@ -27,6 +27,7 @@ import openvino as ov
 import openvino.opset14 as ops
 
 from moe_fusion.block import MoEBlock
+from moe_fusion.check import F32
 from moe_fusion.check import first_line as _first_line
 from moe_fusion.io import core
 
@@ -36,7 +37,6 @@ from moe_fusion.io import core
 RTOL = 1e-4
 TOKEN_COUNTS = (1, 3, 64)
 MAX_BLOCK_NODES = 200_000
-F32 = {"INFERENCE_PRECISION_HINT": "f32"}
 
 
 # Output rounding of the block's own type adds up to half an ulp on each side.

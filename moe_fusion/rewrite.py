@@ -6,17 +6,24 @@ import numpy as np
 import openvino as ov
 import openvino.opset14 as ops
 
+from moe_fusion import compressed
 from moe_fusion.block import MoEBlock, Weight
+from moe_fusion.compressed import Compressed
 from moe_fusion.op import FusedExperts
 
 
 def stacked(weight: Weight, order: list[int], rank: int = 2) -> ov.Output:
-    """One constant holding every expert's part in `order`, behind the original's decompression Convert.
+    """One constant holding every expert's part in `order`, behind the original's decompression Convert
+    (integer-compressed weights: see `moe_fusion.compressed`).
 
     `rank` is a part's rank per expert (2: `[in, out]` matrix, 1: `[out]` bias); a single part one rank
     higher is already stacked `[E, ...]` (tiled families) and kept as it is."""
     parts = weight.parts
     already = len(parts) == 1 and parts[0].ndim == rank + 1
+    if any(isinstance(p, Compressed) for p in parts):
+        if not all(isinstance(p, Compressed) for p in parts):
+            raise ValueError("experts' weights differ in precision: some compressed, some not")
+        return compressed.to_fused(parts if already else [parts[i] for i in order])
     array = parts[0] if already else np.stack([parts[i] for i in order])
     # Constant() needs C-contiguous data: a strided f16 view would silently become i16.
     node = ops.constant(np.ascontiguousarray(array))

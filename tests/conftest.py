@@ -2,9 +2,7 @@ import numpy as np
 import pytest
 
 import moe_fusion
-
-# Accuracy is compared in f32: the CPU plugin may otherwise pick bf16 (AMX) or f16 for inference.
-F32 = {"INFERENCE_PRECISION_HINT": "f32"}
+from moe_fusion.check import F32  # accuracy is compared in f32, without dynamic activation quantisation
 
 
 def compile_f32(model):

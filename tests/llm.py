@@ -3,8 +3,6 @@
 The helper lives in the package (`moe_fusion.check.generate_logits`); this module keeps the tests' import.
 """
 
-from moe_fusion.check import generate_logits
-
-F32 = {"INFERENCE_PRECISION_HINT": "f32"}
+from moe_fusion.check import F32, generate_logits
 
 __all__ = ["F32", "generate_logits"]

@@ -20,12 +20,12 @@ import pytest
 from click.testing import CliRunner
 
 import moe_fusion
+from moe_fusion.check import F32
 from moe_fusion.cli import main
 from moe_fusion.fuse import fuse
 from moe_fusion.io import load
 
 FIXTURES = Path(__file__).resolve().parent.parent / "models" / "fixtures"
-F32 = {"INFERENCE_PRECISION_HINT": "f32"}
 PLUMBING = ("OneHot", "NonZero", "ScatterElementsUpdate", "ScatterNDUpdate")
 
 # fixture -> (family, MoE layers, config keys for E, K, intermediate)

@@ -1,0 +1,125 @@
+"""Expert weights behind a decompression subgraph (NNCF int8/int4: Constant u8/i8/u4/i4 -> Convert ->
+[Subtract zero point] -> Multiply scale -> [Reshape groups away] -> [Convert]), kept compressed.
+
+Per-expert weights (F1) are stacked by stacking each *compressed* constant (4-bit data as packed bytes)
+and rebuilding the same decompression ops with a leading expert axis, so every expert dequantises bit
+for bit as before. Weights that are stacked already (F2) are used as they are. Either way the
+decompressed `[E, out, in]` weight reaches FusedExperts through a Transpose to `[E, in, out]`, which
+OpenVINO folds at compile time and lowering removes again (the CPU plugin's compressed kernels want
+`[E, out, in]`): no dequantised or transposed copy is written to the file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import openvino as ov
+import openvino.opset14 as ops
+
+DECOMPRESSION = ("Convert", "Subtract", "Multiply", "Reshape", "Unsqueeze", "Squeeze")
+_PACKED = {ov.Type.u4, ov.Type.i4, ov.Type.u2, ov.Type.u1, ov.Type.nf4, ov.Type.f4e2m1}
+
+
+def is_weight(value: ov.Output, depth: int = 8) -> bool:
+    """A value computed from Constants only, through decompression ops."""
+    node = value.get_node()
+    if node.get_type_name() == "Constant":
+        return True
+    return (
+        depth > 0
+        and node.get_type_name() in DECOMPRESSION
+        and all(is_weight(v, depth - 1) for v in node.input_values())
+    )
+
+
+def is_plain(value: ov.Output) -> bool:
+    """A Constant, or a Constant behind one Convert (f16/bf16 storage): read as a numpy array instead."""
+    node = value.get_node()
+    if node.get_type_name() == "Convert":
+        node = node.input_value(0).get_node()
+    return node.get_type_name() == "Constant" and node.get_element_type() not in _PACKED and not _quantized(value)
+
+
+def _quantized(value: ov.Output) -> bool:
+    source = value.get_node().input_value(0) if value.get_node().get_type_name() == "Convert" else value
+    return source.get_element_type().is_integral()
+
+
+@dataclass
+class Compressed:
+    """One expert's (or all experts' stacked) weight as the MatMul reads it, through its decompression.
+    `out_major`: the value is `[..., out, in]` (the MatMul had transpose_b)."""
+
+    value: ov.Output
+    out_major: bool
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Oriented `[..., in, out]` like the numpy weights."""
+        dims = list(self.value.get_shape())
+        if self.out_major:
+            dims[-2:] = dims[-1], dims[-2]
+        return tuple(dims)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+
+def to_fused(parts: list[Compressed]) -> ov.Output:
+    """The `[E, in, out]` input of FusedExperts from per-expert parts (in expert order) or one stacked part."""
+    value = parts[0].value if len(parts) == 1 else stack([p.value for p in parts])
+    if not parts[0].out_major:
+        return value
+    rank = value.get_partial_shape().rank.get_length()
+    return ops.transpose(value, [*range(rank - 2), rank - 1, rank - 2]).output(0)
+
+
+def stack(values: list[ov.Output]) -> ov.Output:
+    """One decompression subgraph computing `stack(values)`, from the experts' stacked constants.
+    Raises ValueError naming the difference when the experts' subgraphs differ in structure."""
+    nodes = [v.get_node() for v in values]
+    kinds = {n.get_type_name() for n in nodes}
+    if len(kinds) != 1:
+        raise ValueError(f"experts' weight decompression differs: {sorted(kinds)}")
+    kind = kinds.pop()
+    shapes = {tuple(v.get_shape()) for v in values}
+    if len(shapes) != 1:
+        raise ValueError(f"experts' compressed {kind} shapes differ: {sorted(shapes)}")
+    shape = list(shapes.pop())
+    if kind == "Constant":
+        return _stacked_constant(nodes)
+    if kind in ("Reshape", "Unsqueeze", "Squeeze"):  # layout: the same static shape with the expert axis first
+        return ops.reshape(stack([n.input_value(0) for n in nodes]), [len(values), *shape], False).output(0)
+    attributes = [n.get_attributes() for n in nodes]
+    if any(a != attributes[0] for a in attributes):
+        raise ValueError(f"experts' {kind} attributes differ")
+    if kind == "Convert":
+        return ops.convert(stack([n.input_value(0) for n in nodes]), values[0].get_element_type()).output(0)
+    if attributes[0].get("auto_broadcast", "numpy") != "numpy":
+        raise ValueError(f"{kind} broadcasts as {attributes[0]['auto_broadcast']}")
+    inputs = [_aligned(stack([n.input_value(i) for n in nodes]), len(shape)) for i in range(2)]
+    return (ops.subtract if kind == "Subtract" else ops.multiply)(*inputs).output(0)
+
+
+def _aligned(value: ov.Output, rank: int) -> ov.Output:
+    """`[E, *s]` as `[E, 1.., *s]` of rank `rank + 1`, so numpy broadcasting pairs the expert axes."""
+    shape = list(value.get_shape())
+    if len(shape) == rank + 1:
+        return value
+    return ops.reshape(value, [shape[0], *[1] * (rank + 1 - len(shape)), *shape[1:]], False).output(0)
+
+
+def _stacked_constant(nodes: list[ov.Node]) -> ov.Output:
+    """The experts' constants stacked, from their raw storage: packed sub-byte data and bf16 stay as they are."""
+    element_type = nodes[0].get_element_type()
+    if any(n.get_element_type() != element_type for n in nodes):
+        raise ValueError("experts' compressed constants differ in element type")
+    shape = [len(nodes), *nodes[0].get_output_shape(0)]
+    if int(np.prod(shape[1:])) * element_type.bitwidth % 8:  # sub-byte data concatenates as whole bytes only
+        raise ValueError(f"{element_type} constant of {shape[1:]} does not fill whole bytes")
+    tensor = ov.Tensor(element_type, shape)
+    raw = np.concatenate([np.asarray(n.get_tensor_view().data).reshape(-1) for n in nodes])
+    tensor.data[:] = raw.reshape(tensor.data.shape)
+    return ops.constant(tensor).output(0)
