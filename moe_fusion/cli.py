@@ -13,6 +13,7 @@ from moe_fusion.catalogue import CatalogueError
 from moe_fusion.check import check
 from moe_fusion.fuse import fuse
 from moe_fusion.io import InputError, check_output, load, save
+from moe_fusion.lower import DEFAULT_TARGET, TARGETS, lower
 
 BAD_INPUT = 2
 NOT_EQUIVALENT = 1
@@ -60,8 +61,9 @@ patterns_option = click.option(
 @click.option("--no-verify", is_flag=True, help="Skip the per-block numerical proof.")
 @click.option("--force", is_flag=True, help="Overwrite an existing OUTPUT.")
 @click.option("--in-place", is_flag=True, help="Allow OUTPUT to be INPUT.")
+@click.option("--lower", "lower_target", type=click.Choice(TARGETS), help="Then lower to native ops for TARGET.")
 @one_line_errors
-def fuse_command(input_path, output, report_path, patterns, no_verify, force, in_place) -> None:
+def fuse_command(input_path, output, report_path, patterns, no_verify, force, in_place, lower_target) -> None:
     """Rewrite every MoE block of INPUT (IR .xml, .onnx or optimum-intel folder) into FusedExperts."""
     if not input_path.is_dir() and output.suffix != ".xml":
         raise InputError(f"{output}: OUTPUT for a model file must be an IR .xml path")
@@ -74,6 +76,8 @@ def fuse_command(input_path, output, report_path, patterns, no_verify, force, in
             bar.update(done - bar.pos)
 
         report = fuse(model, patterns=patterns, verify=not no_verify, progress=progress)
+    if lower_target:
+        click.echo(lower(model, lower_target).summary())
     save(model, input_path, output)
     _print(report, report_path)
     fused = len(report.fused)
@@ -82,6 +86,25 @@ def fuse_command(input_path, output, report_path, patterns, no_verify, force, in
         if report.blocks
         else f"no MoE blocks found in {input_path}; wrote it unchanged -> {output}"
     )
+
+
+@main.command("lower")
+@click.argument("input_path", metavar="FUSED", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Lowered model (.xml or folder).")
+@click.option("--target", type=click.Choice(TARGETS), default=DEFAULT_TARGET, show_default=True,
+              help="cpu: GatherMatmul-friendly tiled form, grouped where it would not fire.")
+@click.option("--force", is_flag=True, help="Overwrite an existing OUTPUT.")
+@click.option("--in-place", is_flag=True, help="Allow OUTPUT to be FUSED.")
+@one_line_errors
+def lower_command(input_path, output, target, force, in_place) -> None:
+    """Replace every FusedExperts of FUSED by native OpenVINO ops: the result runs without moe-fusion."""
+    if not input_path.is_dir() and output.suffix != ".xml":
+        raise InputError(f"{output}: OUTPUT for a model file must be an IR .xml path")
+    check_output(input_path, output, force=force, in_place=in_place)
+    model = load(input_path)
+    report = lower(model, target)
+    save(model, input_path, output)
+    click.echo(f"{report.summary()} -> {output}")
 
 
 @main.command("inspect")

@@ -2,6 +2,8 @@
 
 Targets (docs/lowering.md has the measurements behind the default):
 
+- `cpu` (default): `tiled` where the plugin turns it into GatherMatmul, `grouped` where it would not
+  (`tiled_reason`: GEMM2 with all-zero biases, a swish beta other than 1 in GEMM3).
 - `tiled`: the tiled MoE block the CPU plugin's `ConvertTiledMoeBlockToGatherMatmuls` matches (x86-64) and
   turns into `GatherMatmul` (`GatherMatmulCompressed` for int8/int4 weights), which computes only the top-k
   experts of each token. Elsewhere (other devices, a pattern that stops matching) the same graph still runs
@@ -19,6 +21,7 @@ does no folding.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,10 +35,11 @@ from openvino.utils.node_factory import NodeFactory
 from moe_fusion.reference import GEMM2_BIAS_SWIGLU_CLAMP, GEMM3_SWIGLU
 
 FUSED_EXPERTS = "FusedExperts"
+CPU = "cpu"
 TILED = "tiled"
 GROUPED = "grouped"
-TARGETS = (TILED, GROUPED)
-DEFAULT_TARGET = TILED
+TARGETS = (CPU, TILED, GROUPED)
+DEFAULT_TARGET = CPU
 _I64_MAX = np.iinfo(np.int64).max
 _OPSET4 = NodeFactory("opset4")
 
@@ -47,12 +51,12 @@ class LowerError(ValueError):
 @dataclass
 class LowerReport:
     target: str
-    lowered: list[str] = field(default_factory=list)  # friendly names of the FusedExperts replaced
+    lowered: dict[str, str] = field(default_factory=dict)  # FusedExperts friendly name -> form (tiled/grouped)
     seconds: float = 0.0
 
     def summary(self) -> str:
-        n = len(self.lowered)
-        return f"{n} FusedExperts lowered to {self.target} ops in {self.seconds:.2f} s"
+        forms = ", ".join(f"{n} {f}" for f, n in sorted(Counter(self.lowered.values()).items()))
+        return f"{len(self.lowered)} FusedExperts lowered for {self.target} ({forms or 'none'}) in {self.seconds:.2f} s"
 
 
 def fused_experts_nodes(model: ov.Model) -> list[ov.Node]:
@@ -69,15 +73,16 @@ def lower(model: ov.Model, target: str = DEFAULT_TARGET, *, copy_weights: bool =
         raise LowerError(f"lowering target {target!r} is unknown; expected one of {', '.join(TARGETS)}")
     start = time.perf_counter()
     report = LowerReport(target)
-    build = _tiled if target == TILED else _grouped
     for node in fused_experts_nodes(model):
-        replacement = build(_Experts(node, copy_weights))
+        experts = _Experts(node, copy_weights)
+        tiled = target == TILED or (target == CPU and tiled_reason(experts) == "")
+        replacement = _tiled(experts) if tiled else _grouped(experts)
         output = node.output(0)
         names = output.get_names()
         output.replace(replacement)
         if names:
             replacement.get_tensor().set_names(names)
-        report.lowered.append(node.get_friendly_name())
+        report.lowered[node.get_friendly_name()] = TILED if tiled else GROUPED
     if report.lowered:
         model.validate_nodes_and_infer_types()
     report.seconds = time.perf_counter() - start
@@ -140,9 +145,9 @@ def _transposed_constant(const: ov.Node) -> ov.Output:
     data = const.get_data()
     if element_type == ov.Type.bf16:  # get_data shows bf16 as float16: move the raw bits
         data = data.view(np.uint16)
-    moved = np.ascontiguousarray(np.swapaxes(data, 1, 2))  # Constant() needs C-contiguous data
-    tensor = ov.Tensor(element_type, ov.Shape(list(moved.shape)))
-    tensor.data.view(moved.dtype)[...] = moved
+    shape = [data.shape[0], data.shape[2], data.shape[1]]
+    tensor = ov.Tensor(element_type, ov.Shape(shape))
+    tensor.data.view(data.dtype)[...] = np.swapaxes(data, 1, 2)  # one strided copy into the new storage
     return ov.op.Constant(tensor).output(0)
 
 
@@ -202,6 +207,27 @@ def _swish(experts: _Experts, gate: ov.Output) -> ov.Output:
 
 
 # ---- target: tiled (CPU GatherMatmul) -------------------------------------------------------------------
+
+
+def tiled_reason(experts: _Experts) -> str:
+    """Why the CPU plugin's pattern would not turn this block's tiled form into GatherMatmul, or ''.
+
+    Then the tiled form runs densely (every expert on every token) and `cpu` lowers the block to `grouped`."""
+    if experts.expert_type == GEMM3_SWIGLU:
+        return "" if experts.beta == 1.0 else f"swish beta {experts.beta} (the pattern takes a one-input Swish)"
+    for bias in experts.biases:
+        node = bias.get_node()
+        if node.get_type_name() == "Convert":
+            node = node.input_value(0).get_node()
+        if node.get_type_name() != "Constant":
+            return "a bias that is not a constant"
+        if not node.get_data().any():  # the plugin removes an Add of zeros, and the pattern needs the Add
+            return "all-zero biases"
+    producer = experts.hidden.get_node().get_type_name()
+    rank = experts.hidden.get_partial_shape().rank
+    if rank.is_static and rank.get_length() == 2 and producer != "Reshape":
+        return "hidden_states already [T, H] (the plugin removes the Reshape the 2-GEMM pattern needs)"
+    return ""
 
 
 def _tiled(experts: _Experts) -> ov.Output:
