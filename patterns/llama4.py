@@ -18,6 +18,7 @@ import numpy as np
 import openvino.opset14 as ops
 
 from moe_fusion.block import Decline, MoEBlock, Weight
+from moe_fusion.compressed import Compressed
 from moe_fusion.pattern import any_input, const, match, op, read_linear, reshaped, same, strip, swish, unsliced, weight
 
 FAMILY = "llama4"
@@ -94,6 +95,8 @@ def _block(values: dict) -> MoEBlock:
 
     w_gate_up, gate_up_type = read_linear(values, "gate_up")  # [E, H, 2I], gate lanes first (chunk)
     w_down, down_type = read_linear(values, "down")
+    if isinstance(w_gate_up, Compressed):  # splitting gate from up would need Slices of the decompressed weight
+        raise Decline("integer-compressed fused gate_up weights are not split yet", router, router)
     if w_gate_up.ndim != 3 or w_down.ndim != 3 or len({w_gate_up.shape[0], w_down.shape[0], num_experts}) != 1:
         raise Decline("expert weights are not stacked [E, ...] for the router's E experts", router, router)
     if gate_up_type != down_type:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from moe_fusion.block import Decline, MoEBlock, Weight
+from moe_fusion.compressed import Compressed
 from moe_fusion.pattern import any_input, const, match, op, read_linear, reshaped, same, strip, weight
 
 FAMILY = "sort_and_slice"
@@ -137,6 +138,8 @@ def _block(values: dict) -> MoEBlock:
     for g, d in zip(gate_up, down, strict=True):
         w_gate_up, gate_up_type = read_linear(g, "gate_up")  # [H, 2I], gate lanes first (chunk)
         w_down, down_type = read_linear(d, "down")
+        if isinstance(w_gate_up, Compressed):  # splitting gate from up would need Slices of the decompressed weight
+            raise Decline("integer-compressed fused gate_up weights are not split yet", gate_up_cat, router)
         half = w_gate_up.shape[-1] // 2
         parts["w_gate"].append(w_gate_up[:, :half])
         parts["w_up"].append(w_gate_up[:, half:])
