@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import openvino as ov
 
-from moe_fusion.io import InputError, core, model_file, read_model
+from moe_fusion.io import InputError, core, first_line, load
 
 # weight type -> (atol, rtol), rtol relative to the output's largest magnitude. Both models run the same
 # weights in f32 on CPU, so differences come from summation order (FusedExperts sums each expert's GEMM
@@ -270,23 +270,7 @@ def _as_model(model: ov.Model | str | Path, role: str) -> tuple[ov.Model, str]:
         except (RuntimeError, ValueError) as error:
             raise InputError(f"{role} model is invalid: {first_line(error)}") from None
         return model, model.get_friendly_name()
-    file = model_file(model)
-    try:  # io.load, with the message of a Python op's error (FusedExperts validation) kept
-        loaded = read_model(file)
-    except RuntimeError as error:
-        raise InputError(f"{file}: cannot read model: {first_line(error)}") from None
-    if not loaded.get_results():
-        raise InputError(f"{file}: the model has no outputs")
-    return loaded, str(model)
-
-
-def first_line(error: BaseException) -> str:
-    """The useful line of an OpenVINO error: a FusedExperts message if any, else the last line before the
-    Python frames ("At:") that an error raised inside a Python op carries."""
-    text = str(error).split("\nAt:\n")[0]
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("Exception from")]
-    useful = [ln for ln in lines if "FusedExperts" in ln] or lines[-1:]
-    return useful[0] if useful else type(error).__name__
+    return load(model), str(model)
 
 
 class _Runner:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import io
 import sys
 from pathlib import Path
 
@@ -69,7 +70,8 @@ def fuse_command(input_path, output, report_path, patterns, no_verify, force, in
         raise InputError(f"{output}: OUTPUT for a model file must be an IR .xml path")
     check_output(input_path, output, force=force, in_place=in_place)
     model = load(input_path)
-    with click.progressbar(length=1, label="fusing", file=sys.stderr) as bar:
+    # a bar on a terminal only: piped or logged, click would print its label after the table
+    with click.progressbar(length=1, label="fusing", file=sys.stderr if sys.stderr.isatty() else io.StringIO()) as bar:
 
         def progress(done: int, total: int) -> None:
             bar.length = total

@@ -126,6 +126,7 @@ def _rewrite(block: MoEBlock, verify: bool) -> BlockReport:
     if verify:
         proof = prove(block, fused, replacement)
         row.max_abs_error, row.experts_covered = proof.max_abs_error, proof.experts_covered
+        row.experts_routed, row.proof_notes = proof.experts_routed, list(proof.notes)
         if not proof.ok:
             row.status, row.reason = "skipped", f"not proven equivalent: {proof.reason}"
             return row

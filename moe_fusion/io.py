@@ -48,14 +48,22 @@ def model_file(path: str | Path) -> Path:
     return path
 
 
+def first_line(error: BaseException) -> str:
+    """The useful line of an OpenVINO error: a FusedExperts message if any, else the last line before the
+    Python frames ("At:") that an error raised inside a Python op carries."""
+    text = str(error).split("\nAt:\n")[0]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("Exception from")]
+    useful = [ln for ln in lines if "FusedExperts" in ln] or lines[-1:]
+    return useful[0] if useful else type(error).__name__
+
+
 def load(path: str | Path) -> ov.Model:
     """Read INPUT (file or folder) with a one-line error for anything unreadable."""
     file = model_file(path)
     try:
         model = read_model(file)
     except RuntimeError as error:
-        lines = [line for line in str(error).splitlines() if line.strip() and not line.startswith("Exception from")]
-        raise InputError(f"{file}: cannot read model: {lines[-1] if lines else 'unknown error'}") from None
+        raise InputError(f"{file}: cannot read model: {first_line(error)}") from None
     if not model.get_results():
         raise InputError(f"{file}: the model has no outputs")
     return model

@@ -28,8 +28,8 @@ import openvino.opset14 as ops
 
 from moe_fusion.block import MoEBlock
 from moe_fusion.check import F32
-from moe_fusion.check import first_line as _first_line
 from moe_fusion.io import core
+from moe_fusion.io import first_line as _first_line
 
 # Both sides compute in f32 from the same weights and differ in summation order only (GEMMs, the sum
 # over K); measured differences are ~1e-6 of the output's scale. 1e-4 leaves room for long reductions

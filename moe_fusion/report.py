@@ -20,7 +20,9 @@ class BlockReport:
     router: str = ""
     shared_expert: bool = False
     max_abs_error: float | None = None
-    experts_covered: int | None = None
+    experts_covered: int | None = None  # experts the proof ran and compared, routed or forced
+    experts_routed: int | None = None  # of those, the ones the block's own router selected
+    proof_notes: list[str] = field(default_factory=list)
 
 
 @dataclass
