@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import shutil
+import signal
 import tempfile
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import openvino as ov
@@ -70,11 +74,16 @@ def load(path: str | Path) -> ov.Model:
 
 
 def check_output(source: str | Path, target: str | Path, *, force: bool = False, in_place: bool = False) -> None:
-    """Refuse to overwrite the input (unless in_place) or an existing output (unless force)."""
+    """Refuse to overwrite the input (unless in_place) or an existing output (unless force), to write into a
+    folder INPUT or over a folder holding it, and to write where the folder is not writable."""
     source, target = Path(source).resolve(), Path(target).resolve()
     if source == target or (source.is_dir() and model_file(source).resolve() == target):
         if not in_place:
             raise InputError(f"{target}: output is the input; pass --in-place to overwrite it")
+    elif source.is_dir() and source in target.parents:
+        raise InputError(f"{target}: output lies inside the input folder {source}; choose a path outside it")
+    elif target in source.parents:
+        raise InputError(f"{target}: output would replace a folder holding the input {source}")
     elif target.exists() and not force:
         raise InputError(f"{target}: already exists; pass --force to overwrite it")
     existing = target.parent
@@ -84,31 +93,60 @@ def check_output(source: str | Path, target: str | Path, *, force: bool = False,
         raise InputError(f"{existing}: output folder is not writable")
 
 
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait until the block is done (renames that must happen together), then act."""
+    handled = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.getsignal(s) for s in handled}
+    if threading.current_thread() is not threading.main_thread() or None in previous.values():
+        yield  # only the main thread may set handlers; None: a handler Python did not install
+        return
+    received: list[int] = []
+    for s in handled:
+        signal.signal(s, lambda number, _frame: received.append(number))
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if received:
+            signal.raise_signal(received[0])
+
+
 def save(model: ov.Model, source: str | Path, target: str | Path) -> Path:
     """Write `model` to `target` atomically: a temporary beside it, then renamed into place.
 
     A folder SOURCE gives a folder TARGET with the fused openvino_model.xml/.bin and a copy of every other
     file, so it stays usable as the original was. Weights are written as they are (no f16 compression).
+    An error or interrupt before the renames leaves no trace; the renames themselves (old output moved
+    aside, new one moved in) finish before Ctrl-C or SIGTERM act.
     """
-    source, target = Path(source), Path(target)
-    folder = source.is_dir()
-    target.resolve().parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.resolve().parent))
+    source, target = Path(source), Path(target).resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        if folder:
-            for item in source.iterdir():
-                if item.name not in (MODEL_FILE, "openvino_model.bin"):
-                    (shutil.copytree if item.is_dir() else shutil.copy2)(item, staging / item.name)
-            ov.save_model(model, staging / MODEL_FILE, compress_to_fp16=False)
-            if target.exists():
-                shutil.rmtree(target) if target.is_dir() else target.unlink()
-            staging.rename(target)
-        else:
-            xml = staging / (target.stem + ".xml")
-            ov.save_model(model, xml, compress_to_fp16=False)
-            os.replace(xml.with_suffix(".bin"), target.with_suffix(".bin"))
-            os.replace(xml, target.with_suffix(".xml"))
+        try:
+            if source.is_dir():
+                written = staging / "new"
+                written.mkdir()
+                for item in source.iterdir():
+                    if item.name not in (MODEL_FILE, "openvino_model.bin"):
+                        (shutil.copytree if item.is_dir() else shutil.copy2)(item, written / item.name)
+                ov.save_model(model, written / MODEL_FILE, compress_to_fp16=False)
+                moves = [(written, target)]
+            else:
+                xml = staging / (target.stem + ".xml")
+                ov.save_model(model, xml, compress_to_fp16=False)
+                moves = [(xml.with_suffix(".bin"), target.with_suffix(".bin")), (xml, target.with_suffix(".xml"))]
+        except (OSError, RuntimeError) as error:
+            raise InputError(f"{target}: cannot write the output: {first_line(error)}") from None
+        with _signals_deferred():
+            old = staging / "old"
+            old.mkdir()
+            for new, place in moves:  # the old output aside (kept until the end), the new one in
+                if place.exists() or place.is_symlink():
+                    os.replace(place, old / place.name)
+                os.replace(new, place)
     finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
     return target
