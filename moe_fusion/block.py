@@ -115,7 +115,9 @@ class MoEBlock:
 
     @property
     def top_k(self) -> int:
-        return self.topk_indices.get_partial_shape()[-1].get_length()
+        """K, or 0 when the router's k is not a constant (a dynamic last dimension)."""
+        shape = self.topk_indices.get_partial_shape()
+        return shape[-1].get_length() if shape.rank.is_static and shape[-1].is_static else 0
 
     @property
     def hidden_size(self) -> int:

@@ -37,6 +37,10 @@ def _row(block: MoEBlock, status: str, reason: str = "") -> BlockReport:
 def completeness(block: MoEBlock) -> str:
     """Why the block is not exactly experts 0..E-1 once each with agreeing shapes, or ''."""
     ids, count = block.expert_ids, block.num_experts
+    if block.hidden.get_partial_shape().rank.is_dynamic:  # unprovable: the CPU plugin compiles no such input
+        return "hidden states have a dynamic rank"
+    if not block.top_k:
+        return f"top-k is not a constant: selected experts have shape {block.topk_indices.get_partial_shape()}"
     missing = sorted(set(range(count)) - set(ids))
     if missing:
         return f"experts {missing} of {count} are missing from the graph (traced with a data-dependent loop?)"
