@@ -13,7 +13,7 @@ from moe_fusion import __version__
 from moe_fusion.catalogue import CatalogueError
 from moe_fusion.check import check
 from moe_fusion.fuse import fuse
-from moe_fusion.io import InputError, check_output, load, save
+from moe_fusion.io import InputError, check_output, first_line, load, save
 from moe_fusion.lower import DEFAULT_TARGET, TARGETS, lower
 
 BAD_INPUT = 2
@@ -33,7 +33,7 @@ def one_line_errors(command):
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except Exception as error:  # the promise to users is one line, never a traceback
-            click.echo(f"moe-fusion: internal error: {type(error).__name__}: {str(error).splitlines()[0]}", err=True)
+            click.echo(f"moe-fusion: internal error: {type(error).__name__}: {first_line(error)}", err=True)
             sys.exit(1)
 
     return wrapper
