@@ -6,7 +6,8 @@
 Builds the layer (models/bench_models.py) as the per-expert loop an optimum-intel 1.x export holds (F1) and
 as the tiled form OpenVINO's CPU plugin runs natively as GatherMatmul (F2), fuses the loop into FusedExperts
 (moe_fusion.fuse) and lowers it to each target (moe_fusion.lower), all in this one run, and prints per form:
-compile time, prefill (T=128) and decode (T=1) latency as the median of --runs, their ratios against the
+compile time, prefill (T=128) and decode (T=1) latency as the median of --runs rounds (each round runs every
+form in turn, so load from other processes on shared cores lands on all forms alike), their ratios against the
 loop and the native tiled path, and the decode bandwidth floor: the bytes of the K experts a token reads
 divided by the memory read bandwidth measured here (numpy, one thread). int4 weights: moe_fusion.fuse does
 not fuse compressed weights yet, so the FusedExperts is built directly in the form that rewrite produces.
@@ -23,6 +24,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -62,35 +64,52 @@ def read_bandwidth(gib: float = 1.0, repeats: int = 3, threads: int = 1) -> floa
     return a.nbytes / best
 
 
-def median_ms(request: ov.InferRequest, x: np.ndarray, runs: int) -> float:
-    request.infer({0: x})  # warm-up: first touch of the weights, shape-dependent kernels
-    times = []
-    for _ in range(runs):
+class Timed:
+    """One compiled form and its latencies; rounds interleave the forms, so load other processes put on
+    the shared cores lands on every form alike."""
+
+    def __init__(self, form: str, model: ov.Model, config: dict, prepare_s: float) -> None:
         start = time.perf_counter()
-        request.infer({0: x})
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+        self.compiled = core().compile_model(model, "CPU", config)
+        self.row = Row(form, time.perf_counter() - start, 0.0, 0.0, prepare_s)
+        self.request = self.compiled.create_infer_request()
+        self.times: dict[str, list[float]] = {"prefill": [], "decode": []}
+
+    def run(self, phase: str, x: np.ndarray) -> None:
+        start = time.perf_counter()
+        self.request.infer({0: x})
+        self.times[phase].append(time.perf_counter() - start)
+
+    def output(self, x: np.ndarray) -> np.ndarray:
+        return self.request.infer({0: x})[0].copy()
 
 
-def measure(form: str, model: ov.Model, config: dict, runs: int, inputs: dict, want: np.ndarray | None,
-            prepare_s: float = 0.0) -> tuple[Row, np.ndarray]:
-    start = time.perf_counter()
-    compiled = core().compile_model(model, "CPU", config)
-    compile_s = time.perf_counter() - start
-    request = compiled.create_infer_request()
-    prefill = median_ms(request, inputs["prefill"], runs)
-    decode = median_ms(request, inputs["decode"], runs)
-    got = request.infer({0: inputs["prefill"]})[0].copy()
-    rel = 0.0 if want is None else float(np.abs(got - want).max() / np.abs(want).max())
-    del request, compiled
-    gc.collect()
-    return Row(form, compile_s, prefill, decode, prepare_s, rel), got
+def measure(forms: list[Timed], inputs: dict, runs: int) -> list[Row]:
+    for form in forms:  # warm-up: first touch of the weights, shape-dependent kernels
+        for x in inputs.values():
+            form.output(x)
+    for _ in range(runs):
+        for phase, x in inputs.items():
+            for form in forms:
+                form.run(phase, x)
+    want = forms[0].output(inputs["prefill"])
+    for form in forms:
+        form.row.prefill_ms = 1e3 * statistics.median(form.times["prefill"])
+        form.row.decode_ms = 1e3 * statistics.median(form.times["decode"])
+        form.row.max_rel = float(np.abs(form.output(inputs["prefill"]) - want).max() / np.abs(want).max())
+    return [f.row for f in forms]
 
 
 def timed(fn: Callable[[], ov.Model]) -> tuple[ov.Model, float]:
     start = time.perf_counter()
     model = fn()
     return model, time.perf_counter() - start
+
+
+def _lowered(fused: ov.Model, target: str, copy: bool) -> ov.Model:
+    model = fused.clone()
+    lower(model, target, copy_weights=copy)
+    return model
 
 
 def main() -> None:
@@ -128,14 +147,10 @@ def main() -> None:
     rng = np.random.default_rng(0)
     inputs = {n: rng.standard_normal((1, t, shape.hidden), dtype=np.float32) for n, t in
               (("prefill", PREFILL), ("decode", DECODE))}
-    rows: list[Row] = []
+    forms: list[Timed] = []
     if args.weights == "f16":
-        loop, build_s = timed(lambda: loop_layer(weights))
-        row, want = measure("F1 loop (original)", loop, config, args.runs, inputs, None, build_s)
-        rows.append(row)
-        native, build_s = timed(lambda: tiled_layer(weights))
-        rows.append(measure("F2 tiled (native GatherMatmul)", native, config, args.runs, inputs, want, build_s)[0])
-        del native
+        loop, build_s = timed(partial(loop_layer, weights))
+        forms.append(Timed("F1 loop (original)", loop, config, build_s))
 
         def fused_from_loop() -> ov.Model:
             model = loop.clone()
@@ -144,35 +159,32 @@ def main() -> None:
             return model
 
         fused, fuse_s = timed(fused_from_loop)
-        del loop  # only the fused copy is needed from here: keep one layer's weights in memory at a time
+        del loop  # the compiled loop holds its own weights
         source = "F1"
-    else:
-        want = None
-        native, build_s = timed(lambda: tiled_layer(weights))
-        row, want = measure("F2 tiled (native GatherMatmul)", native, config, args.runs, inputs, None, build_s)
-        rows.append(row)
-        del native
-        fused, fuse_s = timed(lambda: fused_layer(weights))
+    else:  # moe_fusion.fuse does not fuse this builder's int4 loop; build the FusedExperts it would give
+        fused, fuse_s = timed(partial(fused_layer, weights))
         source = "built"
+    native, build_s = timed(partial(tiled_layer, weights))
+    forms.append(Timed("F2 tiled (native GatherMatmul)", native, config, build_s))
+    del native, weights  # from here on only `fused` holds the layer's weights (Mixtral: 2.8 GB each copy)
     gc.collect()
-
-    variants = [(t, True) for t in targets]
-    if args.transpose_op:
-        variants.append((targets[0], False))
-    for target, copy in variants:
-        def lowered(target=target, copy=copy) -> ov.Model:
-            model = fused.clone()
-            lower(model, target, copy_weights=copy)
-            return model
-
-        model, lower_s = timed(lowered)
-        label = f"{source} -> lowered {target}" + ("" if copy else " (Transpose op)")
-        rows.append(measure(label, model, config, args.runs, inputs, want, fuse_s + lower_s)[0])
+    for target in targets:
+        model, lower_s = timed(lambda target=target: _lowered(fused, target, True))
+        forms.append(Timed(f"{source} -> lowered {target}", model, config, fuse_s + lower_s))
         del model
         gc.collect()
-    if not args.no_reference:
-        rows.append(measure(f"{source} -> FusedExperts (numpy)", fused, config, max(3, args.runs // 2),
-                            inputs, want, fuse_s)[0])
+    if args.transpose_op:
+        model, lower_s = timed(lambda: _lowered(fused, targets[0], False))
+        forms.append(Timed(f"{source} -> lowered {targets[0]} (Transpose op)", model, config, fuse_s + lower_s))
+        del model
+    rows = measure(forms, inputs, args.runs)
+    del forms
+    gc.collect()
+    if not args.no_reference:  # ~100x slower: measured on its own, fewer runs
+        reference = Timed(f"{source} -> FusedExperts (numpy)", fused, config, fuse_s)
+        ref_row = measure([reference], inputs, 3)[0]
+        ref_row.max_rel = float("nan")
+        rows.append(ref_row)
     _table(rows, decode_floor, prefill_floor)
 
 
