@@ -17,6 +17,8 @@ import numpy as np
 import openvino as ov
 import openvino.opset14 as ops
 
+from moe_fusion import scratch
+
 DECOMPRESSION = ("Convert", "Subtract", "Multiply", "Reshape", "Unsqueeze", "Squeeze")
 _PACKED = {ov.Type.u4, ov.Type.i4, ov.Type.u2, ov.Type.u1, ov.Type.nf4, ov.Type.f4e2m1}
 
@@ -119,7 +121,8 @@ def _stacked_constant(nodes: list[ov.Node]) -> ov.Output:
     shape = [len(nodes), *nodes[0].get_output_shape(0)]
     if int(np.prod(shape[1:])) * element_type.bitwidth % 8:  # sub-byte data concatenates as whole bytes only
         raise ValueError(f"{element_type} constant of {shape[1:]} does not fill whole bytes")
-    tensor = ov.Tensor(element_type, shape)
-    raw = np.concatenate([np.asarray(n.get_tensor_view().data).reshape(-1) for n in nodes])
-    tensor.data[:] = raw.reshape(tensor.data.shape)
-    return ops.constant(tensor).output(0)
+    # the raw storage (packed nibbles, bf16 bits) of each expert, one after the other
+    views = [np.asarray(n.get_tensor_view().data).reshape(-1) for n in nodes]
+    raw = scratch.empty((sum(v.size for v in views),), views[0].dtype)
+    np.concatenate(views, out=raw)
+    return scratch.packed_constant(raw, element_type, shape)

@@ -6,7 +6,7 @@ import numpy as np
 import openvino as ov
 import openvino.opset14 as ops
 
-from moe_fusion import compressed
+from moe_fusion import compressed, scratch
 from moe_fusion.block import MoEBlock, Weight
 from moe_fusion.compressed import Compressed
 from moe_fusion.op import FusedExperts
@@ -24,10 +24,19 @@ def stacked(weight: Weight, order: list[int], rank: int = 2) -> ov.Output:
         if not all(isinstance(p, Compressed) for p in parts):
             raise ValueError("experts' weights differ in precision: some compressed, some not")
         return compressed.to_fused(parts if already else [parts[i] for i in order])
-    array = parts[0] if already else np.stack([parts[i] for i in order])
-    # Constant() needs C-contiguous data: a strided f16 view would silently become i16.
-    node = ops.constant(np.ascontiguousarray(array))
-    return node.output(0) if weight.convert_to is None else ops.convert(node, weight.convert_to).output(0)
+    if len({p.dtype for p in parts}) != 1:
+        raise ValueError(f"experts' weights differ in storage type: {sorted({str(p.dtype) for p in parts})}")
+    # Written once into (file-backed, when large) memory the constant then shares: C-contiguous, as
+    # Constant() needs (a strided f16 view would silently become i16).
+    if already:
+        array = scratch.empty(parts[0].shape, parts[0].dtype)
+        array[...] = parts[0]
+    else:
+        array = scratch.empty((len(order), *parts[0].shape), parts[0].dtype)
+        for slot, i in enumerate(order):
+            array[slot] = parts[i]
+    node = scratch.constant(array)
+    return node if weight.convert_to is None else ops.convert(node, weight.convert_to).output(0)
 
 
 def build(block: MoEBlock) -> tuple[FusedExperts, ov.Output]:

@@ -1,0 +1,131 @@
+"""Peak memory of `moe-fusion fuse` on a model with several GB of f16 expert weights.
+
+Builds LAYERS per-expert-loop MoE layers at Qwen3-30B-A3B's shape (H 2048, I 768, 128 experts, top-8; f16
+weights behind a decompression Convert, 1.2 GB per layer, every expert distinct) chained with residual
+adds, saves the IR, then runs `moe-fusion fuse` on it in a subprocess while sampling its /proc status:
+peak RssAnon (anonymous memory: what fusing itself allocates) and peak RSS (which also counts the
+memory-mapped input and the file-backed stacked weights, both evictable page cache).
+
+    python benchmarks/memory.py [--layers 7] [--dir /tmp/moe-memory] [--verify]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import openvino as ov
+import openvino.opset14 as ops
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from models import bench_models
+
+
+def _random_f16(path: Path, shape: tuple[int, ...], fan_in: int, rng: np.random.Generator) -> np.ndarray:
+    """A file-backed f16 array of distinct random values, filled an expert at a time (little RAM)."""
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=shape)
+    for e in range(shape[0]):
+        array[e] = rng.standard_normal(shape[1:], dtype=np.float32) / np.sqrt(fan_in)
+    return array
+
+
+def build(folder: Path, layers: int) -> Path:
+    shape = bench_models.SHAPES["qwen3"]
+    e, h, i = shape.experts, shape.hidden, shape.intermediate
+    rng = np.random.default_rng(0)
+    # constants share the memory-mapped arrays instead of copying them into RAM
+    bench_models._const = lambda array: ops.constant(np.ascontiguousarray(array), shared_memory=True).output(0)
+    hidden = ops.parameter([-1, -1, h], np.float32, name="hidden_states")
+    x, keep = hidden.output(0), []
+    for layer in range(layers):
+        weights = bench_models.LayerWeights(
+            shape,
+            "f16",
+            _random_f16(folder / f"gate{layer}.npy", (e, i, h), h, rng),
+            _random_f16(folder / f"up{layer}.npy", (e, i, h), h, rng),
+            _random_f16(folder / f"down{layer}.npy", (e, h, i), i, rng),
+            (rng.standard_normal((e, h), dtype=np.float32) * 0.5 / np.sqrt(h)).astype(np.float32),
+        )
+        block = bench_models.loop_layer(weights)
+        keep.append((block, weights))
+        (param,) = block.get_parameters()
+        for target in list(param.output(0).get_target_inputs()):
+            target.replace_source_output(x)
+        x = ops.add(x, block.get_results()[0].input_value(0)).output(0)
+    xml = folder / f"qwen3-loop-{layers}l.xml"
+    ov.save_model(ov.Model([x], [hidden], "memory-bench"), xml, compress_to_fp16=False)
+    for f in folder.glob("*.npy"):
+        f.unlink()
+    return xml
+
+
+def _status(pid: int) -> dict[str, int]:
+    values = {}
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            key, _, rest = line.partition(":")
+            if key in ("RssAnon", "VmRSS"):
+                values[key] = int(rest.split()[0]) * 1024
+    return values
+
+
+def measure(command: list[str]) -> tuple[float, int, int]:
+    """(seconds, peak RssAnon, peak RSS) of a subprocess, sampled every 20 ms."""
+    start = time.perf_counter()
+    process = subprocess.Popen(command)
+    peak = {"RssAnon": 0, "VmRSS": 0}
+
+    def sample() -> None:
+        while process.poll() is None:
+            try:
+                for key, value in _status(process.pid).items():
+                    peak[key] = max(peak[key], value)
+            except (FileNotFoundError, ProcessLookupError):
+                return
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    code = process.wait()
+    sampler.join()
+    if code:
+        raise SystemExit(f"{' '.join(command)} exited with {code}")
+    return time.perf_counter() - start, peak["RssAnon"], peak["VmRSS"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=7)
+    parser.add_argument("--dir", type=Path, default=Path("/tmp/moe-memory"))
+    parser.add_argument("--verify", action="store_true", help="also measure with the per-block proof")
+    args = parser.parse_args()
+    args.dir.mkdir(parents=True, exist_ok=True)
+    xml = args.dir / f"qwen3-loop-{args.layers}l.xml"
+    if not xml.exists():
+        start = time.perf_counter()
+        xml = build(args.dir, args.layers)
+        print(f"built {xml} in {time.perf_counter() - start:.0f} s")
+    gb = 1e9
+    print(f"input .bin {xml.with_suffix('.bin').stat().st_size / gb:.2f} GB ({args.layers} layers x 128 experts, f16)")
+    runs = [("--no-verify", ["--no-verify"])] + ([("verify", [])] if args.verify else [])
+    for label, extra in runs:
+        out = args.dir / f"fused-{label.strip('-')}.xml"
+        cli = [sys.executable, "-c", "from moe_fusion.cli import main; main()"]
+        command = [*cli, "fuse", str(xml), "-o", str(out), "--force", *extra]
+        seconds, anon, rss = measure(command)
+        size = out.with_suffix(".bin").stat().st_size / gb
+        print(
+            f"fuse {label}: {seconds:.1f} s, peak RssAnon {anon / gb:.2f} GB, peak RSS {rss / gb:.2f} GB, "
+            f"fused .bin {size:.2f} GB"
+        )
+    os.sync()
+
+
+if __name__ == "__main__":
+    main()

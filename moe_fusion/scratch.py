@@ -1,0 +1,47 @@
+"""Where stacked expert weights live until the model is saved.
+
+A fused model's stacked weights are new constants as large as the experts themselves (tens of GB for a
+real model). Large ones are written to unlinked temporary files and mapped, so they sit in the page cache
+(file-backed, evictable) rather than in anonymous memory, and constants share that memory instead of
+copying it. Set TMPDIR to put them on a disk with room. Small arrays stay ordinary numpy arrays.
+"""
+
+from __future__ import annotations
+
+import mmap
+import tempfile
+
+import numpy as np
+import openvino as ov
+import openvino.opset14 as ops
+
+MAPPED_BYTES = 16 << 20  # below this, plain memory is cheaper than a file
+
+# Constants built from a Tensor (sub-byte types) do not keep the Tensor's memory alive: we do.
+_PINNED: list[np.ndarray] = []
+
+
+def empty(shape: tuple[int, ...] | list[int], dtype: np.dtype | type) -> np.ndarray:
+    """An uninitialised C-contiguous array, file-backed when large."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if nbytes < MAPPED_BYTES:
+        return np.empty(shape, dtype)
+    with tempfile.TemporaryFile(prefix="moe-fusion-") as file:  # unlinked at once: nothing to clean up
+        file.truncate(nbytes)
+        mapped = mmap.mmap(file.fileno(), nbytes)
+    return np.frombuffer(mapped, dtype).reshape(shape)
+
+
+def constant(array: np.ndarray) -> ov.Output:
+    """A Constant sharing `array`'s memory (OpenVINO keeps the array alive)."""
+    return ops.constant(np.ascontiguousarray(array), shared_memory=True).output(0)
+
+
+def packed_constant(raw: np.ndarray, element_type: ov.Type, shape: list[int]) -> ov.Output:
+    """A Constant of a sub-byte (or otherwise raw) element type over `raw` bytes, shared, kept alive here."""
+    if raw.nbytes >= MAPPED_BYTES:
+        _PINNED.append(raw)
+        return ops.constant(ov.Tensor(raw, ov.Shape(shape), element_type), shared_memory=True).output(0)
+    tensor = ov.Tensor(element_type, shape)
+    tensor.data[:] = raw.reshape(tensor.data.shape)
+    return ops.constant(tensor).output(0)
