@@ -18,6 +18,10 @@ from moe_fusion.rewrite import apply, build
 Progress = Callable[[int, int], None]
 
 
+def _where(node: ov.Node | None) -> str:
+    return f"{node.get_type_name()} '{node.get_friendly_name()}'" if node is not None else ""
+
+
 def _row(block: MoEBlock, status: str, reason: str = "") -> BlockReport:
     return BlockReport(
         name=block.name,
@@ -31,6 +35,8 @@ def _row(block: MoEBlock, status: str, reason: str = "") -> BlockReport:
         intermediate=block.intermediate_size,
         router=router.describe(block.routing_weights, block.topk_indices, block.weights_on_input),
         shared_expert=block.shared_expert or has_shared_expert(block.output, block.hidden),
+        router_node=block.router.get_friendly_name(),
+        stopped_at=_where(block.router) if status == "skipped" else "",
     )
 
 
@@ -67,7 +73,9 @@ def candidates(model: ov.Model, families) -> tuple[list[MoEBlock], list[BlockRep
             if isinstance(found, Decline):
                 key = found.router.get_instance_id() if found.router is not None else None
                 name = block_name(found.router, found.node)
-                misses.append((key, BlockReport(name, family.FAMILY, "skipped", found.reason)))
+                row = BlockReport(name, family.FAMILY, "skipped", found.reason, stopped_at=_where(found.node))
+                row.router_node = found.router.get_friendly_name() if found.router is not None else ""
+                misses.append((key, row))
                 continue
             claimed = found_by_router.setdefault(found.router.get_instance_id(), [])
             if not any(same(found.output, other.output) for other in claimed):
@@ -82,7 +90,8 @@ def candidates(model: ov.Model, families) -> tuple[list[MoEBlock], list[BlockRep
             misses.append((key, _row(block, "skipped", f"its router drives {len(group)} expert blocks ({outputs})")))
     for topk in router.unclaimed(model, blocks, {key for key, _ in misses}):
         reason = f"a router (TopK over {topk.get_input_partial_shape(0)[-1]} scores) whose experts match no family"
-        misses.append((topk.get_instance_id(), BlockReport(module_path(topk), "-", "skipped", reason)))
+        row = BlockReport(module_path(topk), "-", "skipped", reason, router_node=topk.get_friendly_name())
+        misses.append((topk.get_instance_id(), row))
     fused = {b.router.get_instance_id() for b in blocks}
     return blocks, [row for key, row in misses if key not in fused]
 

@@ -23,6 +23,8 @@ class BlockReport:
     experts_covered: int | None = None  # experts the proof ran and compared, routed or forced
     experts_routed: int | None = None  # of those, the ones the block's own router selected
     proof_notes: list[str] = field(default_factory=list)
+    router_node: str = ""  # the router's node name (TopK, or PhiMoE's sparsemixer Concat)
+    stopped_at: str = ""  # skipped: "Type 'name'" of the node where matching stopped
 
 
 @dataclass
