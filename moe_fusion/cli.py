@@ -12,6 +12,9 @@ import click
 from moe_fusion import __version__
 from moe_fusion.catalogue import CatalogueError
 from moe_fusion.check import check
+from moe_fusion.explain import explain as explained
+from moe_fusion.explain import text as explanation_text
+from moe_fusion.explain import to_json as explanation_json
 from moe_fusion.fuse import fuse
 from moe_fusion.io import InputError, check_output, first_line, load, save
 from moe_fusion.lower import DEFAULT_TARGET, TARGETS, lower
@@ -113,9 +116,20 @@ def lower_command(input_path, output, target, force, in_place) -> None:
 @click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
 @patterns_option
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report instead of the table.")
+@click.option("--explain", is_flag=True, help="For each near miss: the first failing condition, the node where "
+              "matching stopped, and how far each family's pattern got from its router.")
 @one_line_errors
-def inspect_command(input_path, patterns, as_json) -> None:
+def inspect_command(input_path, patterns, as_json, explain) -> None:
     """List the MoE blocks INPUT has, which would fuse and why the others would not. Writes nothing."""
+    if explain:
+        report, explanations = explained(load(input_path), patterns)
+        if as_json:
+            click.echo(explanation_json(report, explanations))
+        elif report.blocks:
+            click.echo(explanation_text(report, explanations))
+        else:
+            click.echo(f"no MoE blocks found in {input_path}: no router-like TopK either, nothing to explain")
+        return
     report = fuse(load(input_path), patterns=patterns, dry_run=True)
     if as_json:
         click.echo(report.to_json())

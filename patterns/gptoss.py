@@ -235,3 +235,31 @@ def _block(values: dict) -> MoEBlock:
         gate_idx=gate_idx,
         notes=notes,
     )
+
+
+def explain(model: ov.Model, router: ov.Node) -> object:
+    """How far this pattern gets from `router` (for `moe-fusion inspect --explain`): dense routing, the sum
+    over experts, then up: down (+ bias), (up + 1) * glu, the up lane's Clamp and Slice, the gate lane's
+    Swish, Minimum and Slice, the fused gate_up (+ bias) and the Tile it reads."""
+    from moe_fusion.explain import Walk, indices_port, is_constant, is_swish
+
+    walk = Walk(FAMILY, router)
+    walk.down("ScatterElementsUpdate", "dense [T, E] routing scattered at the indices", port=indices_port(router))
+    walk.down("Transpose", "routing transposed to [E, T]").down("Multiply", "experts' outputs times routing")
+    product = walk.at
+    walk.down("ReduceSum", "sum over experts").goto(product)
+    walk.up(("Add", "MatMul"), "down projection (+ bias)")
+    if walk.ok and walk.at.get_type_name() == "Add":
+        walk.up("MatMul", "down projection")
+    walk.up("Multiply", "(up + 1) * glu")
+    glu = walk.at
+    one = "the up lane + 1"
+    walk.up("Add", one, when=lambda n: any(is_constant(v, 1.0) for v in n.input_values()))
+    walk.up("Clamp", "the up lane clamped to [-limit, limit]").up("Slice", "the up lane: a stride-2 Slice")
+    walk.goto(glu).up(("Swish", "Multiply"), "Swish (beta) of the gate lane", when=is_swish)
+    walk.up("Minimum", "the gate lane clamped to limit").up("Slice", "the gate lane: a stride-2 Slice")
+    walk.up(("Add", "MatMul"), "the fused gate_up projection (+ bias)")
+    if walk.ok and walk.at.get_type_name() == "Add":
+        walk.up("MatMul", "the fused gate_up projection")
+    walk.up("Tile", "hidden states tiled once per expert")
+    return walk.trace

@@ -121,3 +121,22 @@ def _block(values: dict) -> MoEBlock:
         expert_beta=beta,
         weights_on_input=True,
     )
+
+
+def explain(model, router) -> object:
+    """How far this pattern gets from `router` (for `moe-fusion inspect --explain`): top-k scores scattered
+    at the indices, sigmoid, transposed, scaling the tiled hidden states, gate_up, chunk, Swish, times up,
+    down, summed over experts."""
+    from moe_fusion.explain import Walk, indices_port, is_swish
+
+    walk = Walk(FAMILY, router)
+    walk.down("ScatterElementsUpdate", "top-k scores scattered at the indices", port=indices_port(router))
+    walk.down("Sigmoid", "sigmoid of the scattered scores").down("Transpose", "scores transposed to [E, T]")
+    walk.down("Multiply", "tiled hidden states times their expert's score")
+    scaled = walk.at
+    walk.up("Tile", "hidden states tiled once per expert").goto(scaled)
+    walk.down("MatMul", "gate_up projection on stacked weights").down("VariadicSplit", "gate_up chunked in two")
+    walk.down(("Swish", "Multiply"), "Swish (SiLU) of the gate chunk", when=is_swish)
+    walk.down("Multiply", "up chunk times activation").down("MatMul", "down projection on stacked weights")
+    walk.down("ReduceSum", "sum over experts")
+    return walk.trace

@@ -163,3 +163,45 @@ def _block(group: list[dict]) -> MoEBlock:
         weights={name: Weight(parts[name], convert[name]) for name in parts},
         expert_beta=betas.pop(),
     )
+
+
+def explain(model, router) -> object:
+    """How far this pattern gets from `router` (for `moe-fusion inspect --explain`), per expert slot e:
+    OneHot of its indices -> the mask's row e -> NonZero -> top_x -> the tokens gathered and the index_add_
+    at top_x; then up from the index_add_ through routing weight, down, activation, gate to those tokens.
+    The trace of the first slot that does not match, or of the last one when all do."""
+    from moe_fusion.explain import Trace, Walk, constant, consumers, indices_port, is_constant, is_swish
+
+    def feeds_matmul(node) -> bool:
+        return any(c.get_type_name() == "MatMul" for c in consumers(node))
+
+    first = Walk(FAMILY, router).down("OneHot", "OneHot of the router's indices", port=indices_port(router))
+    if not first.ok:
+        return first.trace
+    depth = constant(first.at.input_value(1))
+    experts = int(depth.reshape(-1)[0]) if depth is not None and depth.size == 1 else 0
+    if experts < 1:
+        return first.fail("a constant OneHot depth (the number of experts)", first.at).trace
+    traces = []
+    for e in range(experts):
+        walk = Walk(FAMILY, router).down("OneHot", "OneHot of the router's indices", port=indices_port(router))
+        walk.down("Transpose", "expert mask permuted to [E, K, T]")
+        walk.down("Gather", f"expert {e}'s row of the mask", when=lambda n, e=e: is_constant(n.input_value(1), e))
+        walk.down("NonZero", f"torch.where of expert {e}'s mask")
+        walk.down(("Split", "VariadicSplit", "Transpose"), "top_x split from the coordinates")
+        if walk.ok and walk.at.get_type_name() == "Transpose":
+            walk.down(("Split", "VariadicSplit"), "top_x split from the coordinates")
+        split = walk.at
+        walk.down("Gather", f"the tokens routed to expert {e}", when=feeds_matmul)
+        tokens = walk.at
+        walk.goto(split).down(("ScatterElementsUpdate", "ScatterNDUpdate"), f"expert {e}'s index_add_ at top_x")
+        walk.up("Multiply", f"expert {e}'s output times its routing weight")
+        walk.up("MatMul", f"expert {e}'s down projection").up("Multiply", "activation times up projection")
+        walk.up(("Swish", "Multiply"), f"Swish (SiLU) of expert {e}'s gate projection", when=is_swish)
+        walk.up("MatMul", f"expert {e}'s gate projection")
+        walk.up("Gather", f"expert {e}'s gate reading the tokens routed to it", when=lambda n, t=tokens: n == t)
+        traces.append(walk.trace)
+    failed = [t for t in traces if t.expected]
+    trace: Trace = failed[0] if failed else traces[-1]
+    trace.note = f"{experts - len(failed)} of {experts} expert slots match"
+    return trace

@@ -202,3 +202,22 @@ def _check_histogram(counts, router) -> None:
         or not same(strip(one_hot.input_value(1)), router.output(1))
     ):
         raise Decline("run lengths are not the per-expert slot counts of the router's selection", total, router)
+
+
+def explain(model, router) -> object:
+    """How far this pattern gets from `router` (for `moe-fusion inspect --explain`), along expert 0's run:
+    ascending sort of the indices, order // K, the rows gathered, the run sliced, input_linear, Concat,
+    chunk, Swish, times up, the run of the activation, output_linear, Concat, times routing, index_add_."""
+    from moe_fusion.explain import Walk, indices_port
+
+    walk = Walk(FAMILY, router)
+    walk.down("TopK", "ascending sort of the selected experts", port=indices_port(router),
+              when=lambda n: n.get_attributes()["mode"] == "min")
+    walk.down("Divide", "slot order // top-k: the tokens", port=1).down("Gather", "hidden_states[tokens]")
+    walk.down("Slice", "expert 0's run of rows").down("MatMul", "input_linear on the run")
+    walk.down("Concat", "the runs put back together").down("VariadicSplit", "gate_up chunked in two")
+    walk.down("Swish", "Swish (SiLU) of the gate chunk").down("Multiply", "activation times up chunk")
+    walk.down("Slice", "expert 0's run of the activation").down("MatMul", "output_linear on the run")
+    walk.down("Concat", "the runs put back together").down("Multiply", "times the routing weights")
+    walk.down("ScatterElementsUpdate", "index_add_ into the tokens")
+    return walk.trace

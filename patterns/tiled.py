@@ -86,3 +86,20 @@ def _block(values: dict) -> MoEBlock:
 def _router_width(dense_routing) -> int:
     """E as the router sees it: the width of the dense [T, E] routing matrix."""
     return dense_routing.get_partial_shape()[-1].get_length()
+
+
+def explain(model, router) -> object:
+    """How far this pattern gets from `router` (for `moe-fusion inspect --explain`): the dense routing
+    scattered at its indices, transposed, times the experts' outputs, summed; then up into the stacked
+    SwiGLU experts and the Tile they read."""
+    from moe_fusion.explain import Walk, indices_port, is_swish
+
+    walk = Walk(FAMILY, router)
+    walk.down("ScatterElementsUpdate", "dense [T, E] routing scattered at the indices", port=indices_port(router))
+    walk.down("Transpose", "routing transposed to [E, T]").down("Multiply", "experts' outputs times routing")
+    product = walk.at
+    walk.down("ReduceSum", "sum over experts").goto(product)
+    walk.up("MatMul", "down projection on stacked weights").up("Multiply", "activation times up projection")
+    walk.up(("Swish", "Multiply"), "Swish (SiLU) of the gate projection", when=is_swish)
+    walk.up("MatMul", "gate projection").up("Tile", "hidden states tiled once per expert")
+    return walk.trace
