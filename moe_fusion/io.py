@@ -122,8 +122,11 @@ def save(model: ov.Model, source: str | Path, target: str | Path) -> Path:
     aside, new one moved in) finish before Ctrl-C or SIGTERM act.
     """
     source, target = Path(source), Path(target).resolve()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    except OSError as error:
+        raise InputError(f"{target}: cannot write the output: {error.strerror or error}") from None
     try:
         try:
             if source.is_dir():
