@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import openvino as ov
+from openvino.frontend import FrontEndManager
 
 from moe_fusion.op import register
 
@@ -61,9 +62,19 @@ def first_line(error: BaseException) -> str:
     return useful[0] if useful else type(error).__name__
 
 
+@functools.cache
+def _frontends() -> FrontEndManager:
+    return FrontEndManager()
+
+
 def load(path: str | Path) -> ov.Model:
     """Read INPUT (file or folder) with a one-line error for anything unreadable."""
     file = model_file(path)
+    # read_model tries every frontend on a file its own one rejects, and TensorFlow's logs to stderr: refuse first
+    framework = {".xml": "ir", ".onnx": "onnx"}[file.suffix]
+    if not _frontends().load_by_framework(framework).supported(str(file)):
+        kind = "an OpenVINO IR" if framework == "ir" else "an ONNX model"
+        raise InputError(f"{file}: cannot read model: not {kind} its frontend can parse")
     try:
         model = read_model(file)
     except RuntimeError as error:
