@@ -48,7 +48,9 @@ class Trace:
 
     def text(self) -> str:
         name = f"{self.family} ({self.note})" if self.note else self.family
-        last = self.matched[-1] if self.matched else "nothing"
+        if not self.matched:  # a family's own words (an explain hook returning a string)
+            return f"{name}: {self.expected}"
+        last = self.matched[-1]
         if not self.expected:
             return f"{name}: every anchor matched, up to {last}"
         where = f", stopped at {self.stopped_at}" if self.stopped_at else ""
