@@ -766,39 +766,50 @@ def mutate(fixture: str, operator: str, rng: np.random.Generator) -> tuple[ov.Mo
     return None
 
 
+_BARREN: set[tuple[str, str]] = set()  # (fixture, operator) pairs where the operator finds no site
+
+
+def mutant(
+    seed: int, index: int, fixtures: Iterable[str] | None = None, operators: Iterable[str] | None = None
+) -> Mutant:
+    """Mutant `index` of the run `seed`: operator `index` round-robin, fixture drawn among those where it
+    applies. Depends on (seed, index, fixtures, operators) only. OpenVINO's rejection (validation) is
+    recorded in `rejected` with `model=None`."""
+    fixtures = list(fixtures or FIXTURES)
+    names = list(operators or OPERATORS)
+    unknown = sorted(set(names) - set(OPERATORS))
+    if unknown:
+        raise ValueError(f"unknown mutation operators {unknown}; known: {', '.join(OPERATORS)}")
+    operator = names[(index + seed) % len(names)]
+    order = np.random.default_rng([seed, index]).permutation(len(fixtures))
+    for attempt, fixture in enumerate(fixtures[j] for j in order):
+        if (fixture, operator) in _BARREN:
+            continue
+        made = mutate(fixture, operator, np.random.default_rng([seed, index, attempt]))
+        if made is None:
+            _BARREN.add((fixture, operator))
+            continue
+        model, site, change = made
+        found = Mutant(f"{index:04d}-{fixture}-{operator}", fixture, operator, change.description, site.name,
+                       change.expect, model)
+        try:
+            model.validate_nodes_and_infer_types()
+        except (RuntimeError, ValueError) as error:
+            found = dataclasses.replace(found, model=None, rejected=first_line(error))
+        return found
+    raise ValueError(f"operator {operator} finds nothing to change in {', '.join(fixtures)}")
+
+
 def mutants(
     seed: int = 0,
     count: int = 200,
     fixtures: Iterable[str] | None = None,
     operators: Iterable[str] | None = None,
 ) -> Iterator[Mutant]:
-    """`count` mutants, mutant i from (seed, i): operator i round-robin, fixture drawn among those where
-    it applies. Mutants OpenVINO rejects (validate_nodes_and_infer_types) come with `model=None`."""
-    fixtures = list(fixtures or FIXTURES)
-    names = list(operators or OPERATORS)
-    unknown = sorted(set(names) - set(OPERATORS))
-    if unknown:
-        raise ValueError(f"unknown mutation operators {unknown}; known: {', '.join(OPERATORS)}")
-    barren: set[tuple[str, str]] = set()  # (fixture, operator) without a site
-    for i in range(count):
-        rng = np.random.default_rng([seed, i])
-        operator = names[(i + seed) % len(names)]
-        for fixture in (fixtures[j] for j in rng.permutation(len(fixtures))):
-            if (fixture, operator) in barren:
-                continue
-            made = mutate(fixture, operator, rng)
-            if made is None:
-                barren.add((fixture, operator))
-                continue
-            model, site, change = made
-            mutant = Mutant(f"{i:04d}-{fixture}-{operator}", fixture, operator, change.description, site.name,
-                            change.expect, model)
-            try:
-                model.validate_nodes_and_infer_types()
-            except (RuntimeError, ValueError) as error:
-                mutant = dataclasses.replace(mutant, model=None, rejected=first_line(error))
-            yield mutant
-            break
+    """`count` mutants of the run `seed` (see `mutant`): every operator once per len(OPERATORS) mutants."""
+    fixtures, operators = list(fixtures or FIXTURES), list(operators or OPERATORS)
+    for index in range(count):
+        yield mutant(seed, index, fixtures, operators)
 
 
 # ---- the oracle ---------------------------------------------------------------------------------------

@@ -151,12 +151,20 @@ def _bias(values: dict, name: str, experts: int, width: int, dtype: np.dtype, ro
     return Weight([data], convert_to)
 
 
+def _last_dim(value: ov.Output) -> int | None:
+    """The last dimension when rank and that dimension are static, else None."""
+    shape = value.get_partial_shape()
+    return shape[-1].get_length() if shape.rank.is_static and shape.rank.get_length() and shape[-1].is_static else None
+
+
 def _block(values: dict) -> MoEBlock:
     indices = strip(values["topk_indices"])
     router = indices.get_node()
-    if router.get_type_name() != "TopK" or indices.get_partial_shape().rank.get_length() != 2:
+    if router.get_type_name() != "TopK" or indices.get_partial_shape().rank != ov.Dimension(2):
         raise Decline("selected experts are not a [tokens, top_k] TopK output", router, router)
     dense = values["dense_routing"].get_node()
+    if _last_dim(dense.output(0)) is None:  # e.g. a routing matrix reshaped with a dynamic shape
+        raise Decline("the dense routing matrix's expert axis is not static", dense, router)
     if int(_scalar(values["scatter_axis"], "scatter axis", router)) not in (1, -1):
         raise Decline("routing is not scattered along the expert axis", dense, router)
     zeros = strip(values["dense_zeros"])
@@ -172,7 +180,9 @@ def _block(values: dict) -> MoEBlock:
     except ValueError as error:  # transpose_a
         raise Decline(str(error), values["gate_up_matmul"].get_node(), router) from None
     hidden = strip(values["hidden"])
-    hidden_size = hidden.get_partial_shape()[-1].get_length()
+    hidden_size = _last_dim(hidden)
+    if hidden_size is None:
+        raise Decline("the experts' input has no static hidden size", values["gate_up_matmul"].get_node(), router)
     if w_gate_up.ndim != 3 or w_down.ndim != 3:
         raise Decline("expert weights are not stacked [E, in, out]", values["gate_up_matmul"].get_node(), router)
     experts, _, width = w_gate_up.shape
@@ -182,6 +192,8 @@ def _block(values: dict) -> MoEBlock:
     gate_up = values.get("gate_up_add", values["gate_up_matmul"])
     if not (same(gate_slice.input_value(0), gate_up) and same(up_slice.input_value(0), gate_up)):
         raise Decline("gate and up lanes are not slices of the one gate_up GEMM", gate_slice, router)
+    if gate_up.get_partial_shape().rank.is_dynamic:
+        raise Decline("gate_up has a dynamic rank", gate_slice, router)
     rank = gate_up.get_partial_shape().rank.get_length()
     gate_idx = _lane_start(gate_slice, width, rank, router)
     if _lane_start(up_slice, width, rank, router) != 1 - gate_idx:
@@ -226,7 +238,7 @@ def _block(values: dict) -> MoEBlock:
         routing_weights=unsliced(strip(values["routing_weights"]), indices),
         topk_indices=indices,
         output=output,
-        num_experts=dense.get_output_partial_shape(0)[-1].get_length(),
+        num_experts=_last_dim(dense.output(0)),
         expert_ids=list(range(experts)),
         weights=weights,
         expert_type=GEMM2_BIAS_SWIGLU_CLAMP,

@@ -69,7 +69,10 @@ def _block(values: dict) -> MoEBlock:
     fill = _numbers(values["fill"])
     if fill is None or not np.all(np.isneginf(fill)):
         raise Decline("unselected experts' scores are not sigmoid(-inf) = 0", values["scatter"].get_node(), router)
-    num_experts = router.input_value(0).get_partial_shape()[-1].get_length()
+    scores, k_dim = router.get_input_partial_shape(0), router.get_output_partial_shape(1)
+    if scores.rank.is_dynamic or scores[-1].is_dynamic or k_dim.rank.is_dynamic or k_dim[-1].is_dynamic:
+        raise Decline("the router's top-k or expert count is not static", router, router)
+    num_experts = scores[-1].get_length()
     checks = {
         "scatter_axis": ([1], [-1]),
         "perm": ([1, 0],),

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 import numpy as np
+import openvino as ov
 
 from moe_fusion.block import Decline, MoEBlock, Weight
 from moe_fusion.pattern import any_input, const, either, match, op, read_linear, reshaped, same, strip, swiglu_mlp
@@ -90,7 +91,7 @@ def find(model):
 def _block(group: list[dict]) -> MoEBlock:
     first = group[0]
     router = strip(first["topk_indices"]).get_node()  # a TopK, or PhiMoE's sparsemixer Concat
-    if strip(first["topk_indices"]).get_partial_shape().rank.get_length() != 2:
+    if strip(first["topk_indices"]).get_partial_shape().rank != ov.Dimension(2):
         raise Decline("selected experts are not a [tokens, top_k] tensor", router)
     for values in group:
         # top_x must index both the tokens gathered and the rows accumulated into

@@ -92,7 +92,10 @@ def _router(values: dict):
 
 def _block(values: dict) -> MoEBlock:
     sort, router = _router(values)
-    top_k = router.output(1).get_partial_shape()[-1].get_length()
+    k_dim, scores = router.get_output_partial_shape(1), router.get_input_partial_shape(0)
+    if k_dim.rank.is_dynamic or k_dim[-1].is_dynamic or scores.rank.is_dynamic or scores[-1].is_dynamic:
+        raise Decline("the router's top-k or expert count is not static", router, router)
+    top_k = k_dim[-1].get_length()
     scatter = values["index_add"].get_node()
     if scatter.get_attributes()["reduction"] != "sum" or list(_constant(values["axis"])) != [0]:
         raise Decline("slots are not summed into their tokens (index_add along dim 0)", scatter, router)

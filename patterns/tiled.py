@@ -12,6 +12,7 @@ most MoE models:
 from __future__ import annotations
 
 import numpy as np
+import openvino as ov
 
 from moe_fusion.block import Decline, MoEBlock, Weight
 from moe_fusion.pattern import any_input, const, match, op, read_linear, reshaped, strip, swiglu_mlp
@@ -48,8 +49,11 @@ def find(model):
 
 def _block(values: dict) -> MoEBlock:
     router = strip(values["topk_indices"]).get_node()  # a TopK, or PhiMoE's sparsemixer Concat
-    if strip(values["topk_indices"]).get_partial_shape().rank.get_length() != 2:
+    if strip(values["topk_indices"]).get_partial_shape().rank != ov.Dimension(2):
         raise Decline("selected experts are not a [tokens, top_k] tensor", router)
+    dense = values["dense_routing"].get_node()
+    if _router_width(values["dense_routing"]) is None:  # e.g. a routing matrix reshaped with a dynamic shape
+        raise Decline("the dense routing matrix's expert axis is not static", dense, router)
     if int(np.asarray(values["scatter_axis"].get_node().get_data()).reshape(-1)[0]) not in (1, -1):
         raise Decline("routing is not scattered along the expert axis", values["dense_routing"].get_node(), router)
     weights, num = {}, set()
@@ -83,9 +87,10 @@ def _block(values: dict) -> MoEBlock:
     )
 
 
-def _router_width(dense_routing) -> int:
-    """E as the router sees it: the width of the dense [T, E] routing matrix."""
-    return dense_routing.get_partial_shape()[-1].get_length()
+def _router_width(dense_routing) -> int | None:
+    """E as the router sees it: the width of the dense [T, E] routing matrix (None: not static)."""
+    shape = dense_routing.get_partial_shape()
+    return shape[-1].get_length() if shape.rank.is_static and shape.rank.get_length() and shape[-1].is_static else None
 
 
 def explain(model, router) -> object:
