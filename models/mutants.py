@@ -133,7 +133,8 @@ def _constant_only(node: ov.Node, depth: int = 8) -> bool:
     """An op computed from Constants only (a weight's decompression, a folded shape)."""
     if node.get_type_name() == "Constant":
         return True
-    return depth > 0 and all(_constant_only(v.get_node(), depth - 1) for v in node.input_values())
+    inputs = node.input_values()  # a Parameter or ReadValue has none and is not constant
+    return depth > 0 and bool(inputs) and all(_constant_only(v.get_node(), depth - 1) for v in inputs)
 
 
 def _is_router(site: Site, matmul: ov.Node) -> bool:
