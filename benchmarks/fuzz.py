@@ -1,7 +1,7 @@
 """Mutation fuzzing: fuse seeded mutants of the real-export fixtures and assert no fusion is wrong.
 
-    python benchmarks/fuzz.py --count 300 --seed 0 [--fixtures gen1-mixtral,gen2-gptoss] [--operators topk,clamp]
-                              [--tokens 1,16] [--steps 1] [--json fuzz.json] [--verbose]
+    python benchmarks/fuzz.py --count 300 --seed 0 [--start 0] [--fixtures gen1-mixtral,gen2-gptoss]
+                              [--operators topk,clamp] [--tokens 1,16] [--steps 1] [--json fuzz.json] [--verbose]
 
 Each mutant (`models/mutants.py`) is a fresh read of one fixture with one graph mutation in one MoE block.
 It is fused (verification on, as `moe-fusion fuse` runs), then `moe_fusion.check` compares the fused model
@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--start", type=int, default=0, help="index of the first mutant (to split a run)")
     parser.add_argument("--fixtures", default="", help="comma-separated fixture names (default: all)")
     parser.add_argument("--operators", default="", help=f"comma-separated, of: {', '.join(OPERATORS)}")
     parser.add_argument("--tokens", default="1,16", help="check's prefill token counts")
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     verdicts: list[Verdict] = []
-    for mutant in mutants(args.seed, args.count, fixtures=fixtures, operators=operators):
+    for mutant in mutants(args.seed, args.count, fixtures=fixtures, operators=operators, start=args.start):
         verdict = judge(mutant, tokens=tokens, steps=args.steps)
         verdicts.append(verdict)
         if args.verbose or verdict.outcome == "WRONG":

@@ -806,10 +806,12 @@ def mutants(
     count: int = 200,
     fixtures: Iterable[str] | None = None,
     operators: Iterable[str] | None = None,
+    start: int = 0,
 ) -> Iterator[Mutant]:
-    """`count` mutants of the run `seed` (see `mutant`): every operator once per len(OPERATORS) mutants."""
+    """Mutants `start` .. `start + count - 1` of the run `seed` (see `mutant`): every operator once per
+    len(OPERATORS) mutants. A run split into ranges gives the same mutants as one run."""
     fixtures, operators = list(fixtures or FIXTURES), list(operators or OPERATORS)
-    for index in range(count):
+    for index in range(start, start + count):
         yield mutant(seed, index, fixtures, operators)
 
 
