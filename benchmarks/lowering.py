@@ -2,15 +2,23 @@
 
     python benchmarks/lowering.py [--layer qwen3|mixtral] [--weights f16|int4] [--runs 5]
                                   [--targets tiled,grouped] [--precision default|f32|bf16] [--no-reference]
+                                  [--one-at-a-time auto|yes|no] [--profile] [--transpose-op]
 
 Builds the layer (models/bench_models.py) as the per-expert loop an optimum-intel 1.x export holds (F1) and
 as the tiled form OpenVINO's CPU plugin runs natively as GatherMatmul (F2), fuses the loop into FusedExperts
-(moe_fusion.fuse) and lowers it to each target (moe_fusion.lower), all in this one run, and prints per form:
-compile time, prefill (T=128) and decode (T=1) latency as the median of --runs rounds (each round runs every
-form in turn, so load from other processes on shared cores lands on all forms alike), their ratios against the
-loop and the native tiled path, and the decode bandwidth floor: the bytes of the K experts a token reads
-divided by the memory read bandwidth measured here (numpy, one thread). int4 weights: moe_fusion.fuse does
-not fuse compressed weights yet, so the FusedExperts is built directly in the form that rewrite produces.
+(moe_fusion.fuse; f16 or NNCF-style int4 weights, which stay compressed) and lowers it to each target
+(moe_fusion.lower), all in this one run, and prints per form: compile time, prefill (T=128) and decode (T=1)
+latency as the median of --runs rounds, the expert kernels of its runtime graph (GatherMatmul,
+GatherMatmulCompressed, FullyConnected), their ratios against the loop and the native tiled path, and the
+decode bandwidth floor: the bytes of the K experts a token reads divided by the memory read bandwidth
+measured here (numpy, one thread).
+
+Two ways to time the forms. Interleaved (the default when memory allows): every form compiled and alive at
+once, each round running every form in turn, so load from other processes on shared cores lands on all
+forms alike. One at a time (`--one-at-a-time yes`, or `auto` when the estimated memory of all compiled forms
+exceeds MemAvailable, e.g. Mixtral's 2.8 GB of f16 experts): compile a form, time its rounds, drop it, next
+form; still all in one run, but load changes between forms land on one form only (the log prints the load
+average after each). The FusedExperts numpy kernel is timed on its own either way, with 3 rounds.
 """
 
 from __future__ import annotations
@@ -21,7 +29,8 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -32,7 +41,7 @@ import openvino as ov
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from models.bench_models import SHAPES, WEIGHT_TYPES, fused_layer, layer_weights, loop_layer, tiled_layer
+from models.bench_models import SHAPES, WEIGHT_TYPES, LayerWeights, layer_weights, loop_layer, tiled_layer
 from moe_fusion.fuse import fuse
 from moe_fusion.io import core
 from moe_fusion.lower import TARGETS, lower
@@ -65,8 +74,8 @@ def read_bandwidth(gib: float = 1.0, repeats: int = 3, threads: int = 1) -> floa
 
 
 class Timed:
-    """One compiled form and its latencies; rounds interleave the forms, so load other processes put on
-    the shared cores lands on every form alike."""
+    """One compiled form and its latencies; in interleaved mode rounds alternate the forms, so load other
+    processes put on the shared cores lands on every form alike."""
 
     def __init__(self, form: str, model: ov.Model, config: dict, prepare_s: float) -> None:
         start = time.perf_counter()
@@ -74,6 +83,7 @@ class Timed:
         self.row = Row(form, time.perf_counter() - start, 0.0, 0.0, prepare_s)
         self.request = self.compiled.create_infer_request()
         self.times: dict[str, list[float]] = {"prefill": [], "decode": []}
+        self.kernels = runtime_kernels(self.compiled)
 
     def run(self, phase: str, x: np.ndarray) -> None:
         start = time.perf_counter()
@@ -83,8 +93,40 @@ class Timed:
     def output(self, x: np.ndarray) -> np.ndarray:
         return self.request.infer({0: x})[0].copy()
 
+    def finish(self, want: np.ndarray | None, got: np.ndarray) -> Row:
+        self.row.prefill_ms = 1e3 * statistics.median(self.times["prefill"])
+        self.row.decode_ms = 1e3 * statistics.median(self.times["decode"])
+        if want is not None:
+            self.row.max_rel = float(np.abs(got - want).max() / np.abs(want).max())
+        return self.row
+
+
+def runtime_kernels(compiled: ov.CompiledModel) -> Counter:
+    """The matrix kernels of the compiled model's runtime graph by count (GatherMatmul, FullyConnected, MatMul;
+    "Compressed(u4)" when the runtime node reads integer weights): shows which path the plugin took."""
+    kinds = Counter()
+    for node in compiled.get_runtime_model().get_ordered_ops():
+        kind = node.get_rt_info()["layerType"].astype(str)
+        if kind not in ("GatherMatmul", "FullyConnected", "MatMul"):
+            continue
+        weight = node.input_value(1).get_element_type()  # u4/u8/i8 weights: the compressed kernel
+        kinds[f"{kind}Compressed({weight.get_type_name()})" if weight.is_integral() else kind] += 1
+    return kinds
+
+
+def profile(form: Timed, x: np.ndarray, top: int = 6) -> str:
+    """One prefill with PERF_COUNT on: where its time goes, by layer type and kernel (exec_type)."""
+    form.request.infer({0: x})
+    spent: Counter = Counter()
+    for info in form.request.get_profiling_info():
+        spent[f"{info.node_type}/{info.exec_type}"] += info.real_time.total_seconds() * 1e3
+    total = sum(spent.values())
+    parts = ", ".join(f"{k} {v:.1f} ms ({v / total:.0%})" for k, v in spent.most_common(top))
+    return f"  profile {form.row.form}: {total:.1f} ms in nodes: {parts}"
+
 
 def measure(forms: list[Timed], inputs: dict, runs: int) -> list[Row]:
+    """Interleaved: every form compiled and alive at once, rounds running each form in turn."""
     for form in forms:  # warm-up: first touch of the weights, shape-dependent kernels
         for x in inputs.values():
             form.output(x)
@@ -93,11 +135,18 @@ def measure(forms: list[Timed], inputs: dict, runs: int) -> list[Row]:
             for form in forms:
                 form.run(phase, x)
     want = forms[0].output(inputs["prefill"])
-    for form in forms:
-        form.row.prefill_ms = 1e3 * statistics.median(form.times["prefill"])
-        form.row.decode_ms = 1e3 * statistics.median(form.times["decode"])
-        form.row.max_rel = float(np.abs(form.output(inputs["prefill"]) - want).max() / np.abs(want).max())
-    return [f.row for f in forms]
+    return [form.finish(want, form.output(inputs["prefill"])) for form in forms]
+
+
+def measure_alone(form: Timed, inputs: dict, runs: int) -> np.ndarray:
+    """One form on its own (one-at-a-time mode): warm-up, then `runs` rounds of prefill and decode.
+    Returns its prefill output."""
+    for x in inputs.values():
+        form.output(x)
+    for _ in range(runs):
+        for phase, x in inputs.items():
+            form.run(phase, x)
+    return form.output(inputs["prefill"])
 
 
 def timed(fn: Callable[[], ov.Model]) -> tuple[ov.Model, float]:
@@ -112,6 +161,64 @@ def _lowered(fused: ov.Model, target: str, copy: bool) -> ov.Model:
     return model
 
 
+# Memory a compiled form takes per byte of f16 expert weights (Qwen3 layer: 4 forms of 1.2 GB reached
+# 18 GB RSS), plus the copies of the weights alive while building (numpy, a model, the fused stack).
+_RSS_PER_FORM, _RSS_BUILDING = 3.7, 3.0
+
+
+def available_bytes() -> int:
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def rss_gb() -> tuple[float, float]:
+    """(current, peak) resident set of this process, GB."""
+    values = {}
+    with open("/proc/self/status") as status:
+        for line in status:
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                values[key] = int(rest.split()[0]) * 1024 / 1e9
+    return values.get("VmRSS", 0.0), values.get("VmHWM", 0.0)
+
+
+def _fuse_in_place(model: ov.Model) -> ov.Model:
+    report = fuse(model, verify=False)
+    if [b.status for b in report.blocks] != ["fused"]:
+        raise SystemExit(f"the loop layer did not fuse:\n{report.table()}")
+    return model
+
+
+def build_forms(weights: LayerWeights, targets: list[str], transpose_op: bool, reference: bool) -> Iterator:
+    """(form name, model, prepare seconds, measured alone?) one at a time; the caller compiles each model
+    before asking for the next, so a model may be changed or dropped after it was yielded."""
+    loop, build_s = timed(partial(loop_layer, weights))
+    yield "F1 loop (original)", loop, build_s, False
+
+    fused, fuse_s = timed(partial(_fuse_in_place, loop))  # the loop is compiled already
+    kinds = Counter(n.get_type_name() for n in fused.get_ordered_ops())
+    print(f"fused the loop in {fuse_s:.1f} s: {kinds['FusedExperts']} FusedExperts, "
+          f"{kinds['Constant']} constants left", flush=True)
+    del loop
+    native, build_s = timed(partial(tiled_layer, weights))
+    del weights  # from here on only `fused` holds the layer's weights (Mixtral: 2.8 GB each copy)
+    yield "F2 tiled (native GatherMatmul)", native, build_s, False
+    del native
+    for target in targets:
+        model, lower_s = timed(lambda target=target: _lowered(fused, target, True))
+        yield f"F1 -> lowered {target}", model, fuse_s + lower_s, False
+        del model
+    if transpose_op:
+        model, lower_s = timed(lambda: _lowered(fused, targets[0], False))
+        yield f"F1 -> lowered {targets[0]} (Transpose op)", model, fuse_s + lower_s, False
+        del model
+    if reference:
+        yield "F1 -> FusedExperts (numpy)", fused, fuse_s, True
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layer", choices=sorted(SHAPES), default="qwen3")
@@ -123,9 +230,16 @@ def main() -> None:
     parser.add_argument("--no-reference", action="store_true", help="skip the FusedExperts numpy kernel")
     parser.add_argument("--transpose-op", action="store_true",
                         help="also lower with a Transpose the plugin folds at compile (vs weights copied once)")
+    parser.add_argument("--one-at-a-time", choices=("auto", "yes", "no"), default="auto",
+                        help="compile, time and drop each form before the next (auto: when the estimated "
+                             "memory of all forms at once exceeds MemAvailable)")
+    parser.add_argument("--profile", action="store_true",
+                        help="PERF_COUNT on: print where one prefill spends its time, per form")
     args = parser.parse_args()
     shape = SHAPES[args.layer]
     config = {} if args.precision == "default" else {"INFERENCE_PRECISION_HINT": args.precision}
+    if args.profile:
+        config["PERF_COUNT"] = True
     targets = [t for t in args.targets.split(",") if t]
 
     bandwidth = read_bandwidth()
@@ -133,58 +247,66 @@ def main() -> None:
     bandwidth_all = read_bandwidth(threads=threads)
     weights = layer_weights(shape, args.weights)
     expert_bytes = weights.expert_bytes()
+    layer_bytes = shape.experts * expert_bytes
     decode_floor = 1e3 * shape.top_k * expert_bytes / bandwidth
-    prefill_floor = 1e3 * shape.experts * expert_bytes / bandwidth
-    precision = core().get_property("CPU", "INFERENCE_PRECISION_HINT") if not config else args.precision
+    prefill_floor = 1e3 * layer_bytes / bandwidth
+    precision = core().get_property("CPU", "INFERENCE_PRECISION_HINT") if "INFERENCE_PRECISION_HINT" not in config \
+        else args.precision
+    f16_bytes = 6 * shape.experts * shape.hidden * shape.intermediate  # compiled weights are f16/bf16 either way
+    n_forms = 2 + len(targets) + args.transpose_op
+    estimate = (_RSS_PER_FORM * n_forms + _RSS_BUILDING) * f16_bytes
+    alone = args.one_at_a_time == "yes" or (args.one_at_a_time == "auto" and estimate > available_bytes())
     print(f"{shape.name} layer: H={shape.hidden} I={shape.intermediate} E={shape.experts} K={shape.top_k}, "
-          f"{args.weights} weights {shape.experts * expert_bytes / 1e9:.2f} GB; CPU precision {precision}, "
-          f"{core().get_property('CPU', 'INFERENCE_NUM_THREADS') or 'default'} threads; median of {args.runs}")
+          f"{args.weights} weights {layer_bytes / 1e9:.2f} GB; CPU precision {precision}, "
+          f"{core().get_property('CPU', 'INFERENCE_NUM_THREADS') or 'default'} threads; median of {args.runs}; "
+          f"load average {os.getloadavg()[0]:.1f} on {threads} cores")
+    print(f"memory: all {n_forms} forms at once estimated {estimate / 1e9:.0f} GB, available "
+          f"{available_bytes() / 1e9:.0f} GB -> {'one form at a time' if alone else 'interleaved'}")
     print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s (numpy, 1 thread), {bandwidth_all / 1e9:.1f} GB/s ({threads} "
           f"threads: floor {1e3 * shape.top_k * expert_bytes / bandwidth_all:.2f} ms)")
     print(f"1-thread floors: decode {decode_floor:.2f} ms "
-          f"(K experts, {shape.top_k * expert_bytes / 1e6:.0f} MB), all-experts stream {prefill_floor:.1f} ms")
+          f"(K experts, {shape.top_k * expert_bytes / 1e6:.0f} MB), all-experts stream {prefill_floor:.1f} ms",
+          flush=True)
 
     rng = np.random.default_rng(0)
     inputs = {n: rng.standard_normal((1, t, shape.hidden), dtype=np.float32) for n, t in
               (("prefill", PREFILL), ("decode", DECODE))}
-    forms: list[Timed] = []
-    if args.weights == "f16":
-        loop, build_s = timed(partial(loop_layer, weights))
-        forms.append(Timed("F1 loop (original)", loop, config, build_s))
-
-        def fused_from_loop() -> ov.Model:
-            model = loop.clone()
-            report = fuse(model, verify=False)
-            assert [b.status for b in report.blocks] == ["fused"], report.table()
-            return model
-
-        fused, fuse_s = timed(fused_from_loop)
-        del loop  # the compiled loop holds its own weights
-        source = "F1"
-    else:  # moe_fusion.fuse does not fuse this builder's int4 loop; build the FusedExperts it would give
-        fused, fuse_s = timed(partial(fused_layer, weights))
-        source = "built"
-    native, build_s = timed(partial(tiled_layer, weights))
-    forms.append(Timed("F2 tiled (native GatherMatmul)", native, config, build_s))
-    del native, weights  # from here on only `fused` holds the layer's weights (Mixtral: 2.8 GB each copy)
-    gc.collect()
-    for target in targets:
-        model, lower_s = timed(lambda target=target: _lowered(fused, target, True))
-        forms.append(Timed(f"{source} -> lowered {target}", model, config, fuse_s + lower_s))
+    forms = build_forms(weights, targets, args.transpose_op, not args.no_reference)
+    del weights
+    rows: list[Row] = []
+    live: list[Timed] = []
+    want = None
+    notes = []
+    for name, model, prepare_s, by_itself in forms:
+        form = Timed(name, model, config, prepare_s)
         del model
+        print(f"compiled {name} in {form.row.compile_s:.1f} s; runtime kernels "
+              f"{dict(form.kernels) or 'none'}; RSS {rss_gb()[0]:.1f} GB (peak {rss_gb()[1]:.1f})", flush=True)
+        if not (alone or by_itself):
+            live.append(form)
+            continue
+        if live:  # interleaved forms are measured before the numpy reference, then dropped
+            rows += measure(live, inputs, args.runs)
+            want = want if want is not None else live[0].output(inputs["prefill"])
+            notes += [profile(f, inputs["prefill"]) for f in live if args.profile]
+            live.clear()
+            gc.collect()
+        got = measure_alone(form, inputs, 3 if by_itself else args.runs)
+        rows.append(form.finish(None if by_itself else want, got))
+        if want is None:
+            want = got
+        if args.profile and not by_itself:
+            notes.append(profile(form, inputs["prefill"]))
+        print(f"  {name}: prefill {form.row.prefill_ms:.1f} ms, decode {form.row.decode_ms:.2f} ms, load "
+              f"{os.getloadavg()[0]:.1f}", flush=True)
+        if by_itself:
+            form.row.max_rel = float("nan")
+        del form
         gc.collect()
-    if args.transpose_op:
-        model, lower_s = timed(lambda: _lowered(fused, targets[0], False))
-        forms.append(Timed(f"{source} -> lowered {targets[0]} (Transpose op)", model, config, fuse_s + lower_s))
-        del model
-    rows = measure(forms, inputs, args.runs)
-    del forms
-    gc.collect()
-    if not args.no_reference:  # ~100x slower: measured on its own, fewer runs
-        reference = Timed(f"{source} -> FusedExperts (numpy)", fused, config, fuse_s)
-        ref_row = measure([reference], inputs, 3)[0]
-        ref_row.max_rel = float("nan")
-        rows.append(ref_row)
+    if live:
+        rows += measure(live, inputs, args.runs)
+        notes += [profile(f, inputs["prefill"]) for f in live if args.profile]
+    print("\n".join(notes))
     _table(rows, decode_floor, prefill_floor)
 
 
