@@ -323,11 +323,10 @@ def main() -> None:
     layer_bytes = shape.experts * expert_bytes
     decode_floor = 1e3 * shape.top_k * expert_bytes / bandwidth
     prefill_floor = 1e3 * layer_bytes / bandwidth
-    precision = core().get_property("CPU", "INFERENCE_PRECISION_HINT") if "INFERENCE_PRECISION_HINT" not in config \
-        else args.precision
-    f16_bytes = 6 * shape.experts * shape.hidden * shape.intermediate  # compiled weights are f16/bf16 either way
+    precision = args.precision if "INFERENCE_PRECISION_HINT" in config else \
+        core().get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name()
     n_forms = 2 + len(targets) + args.transpose_op + args.per_expert
-    estimate = (_RSS_PER_FORM * n_forms + _RSS_BUILDING) * f16_bytes
+    estimate = (_RSS_PER_FORM * n_forms + _RSS_BUILDING) * layer_bytes  # int4 stays compressed when compiled
     alone = args.one_at_a_time == "yes" or (args.one_at_a_time == "auto" and estimate > available_bytes())
     print(f"{shape.name} layer: H={shape.hidden} I={shape.intermediate} E={shape.experts} K={shape.top_k}, "
           f"{args.weights} weights {layer_bytes / 1e9:.2f} GB; CPU precision {precision}, "
