@@ -104,3 +104,23 @@ def test_dynamic_expert_axis_is_declined_not_a_crash(fixture):
     assert [b.status for b in report.blocks if b.name == "__module.model.layers.1.mlp"] == ["fused"]
     assert sum(n.get_type_name() == "FusedExperts" for n in model.get_ordered_ops()) == 1
     assert isinstance(model, ov.Model) and np.isfinite(report.seconds)
+
+
+def test_experts_input_without_token_rows_is_declined_not_a_crash():
+    """gen1-gptoss with layer 0's output reshaped to [?, 8, 64] (a shape Concat's inputs 0 and 2 swapped):
+    layer 1's experts read a [?, 8, H] input that takes no [T, H] rows. The proof raised numpy's
+    'cannot reshape array' out of fuse; now the block is declined with the reason."""
+    model = moe_fusion.read_model(fixture_path("gen1-gptoss"))
+    (concat,) = [
+        n
+        for n in model.get_ordered_ops()
+        if n.get_friendly_name() == "__module.model.layers.0.mlp.experts/prim::ListConstruct/SequenceMark_1"
+    ]
+    first, third = concat.input_value(0), concat.input_value(2)
+    concat.input(0).replace_source_output(third)
+    concat.input(2).replace_source_output(first)
+    model.validate_nodes_and_infer_types()
+    report = fuse(model)
+    (row,) = [b for b in report.blocks if b.name == "__module.model.layers.1.mlp"]
+    assert row.status == "skipped", report.table()
+    assert "cannot feed token rows to the experts' input of shape [?,8,64]" in row.reason
