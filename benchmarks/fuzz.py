@@ -1,9 +1,10 @@
 """Mutation fuzzing: fuse seeded mutants of the real-export fixtures and assert no fusion is wrong.
 
     python benchmarks/fuzz.py --count 300 --seed 0 [--start 0] [--fixtures gen1-mixtral,gen2-gptoss]
-                              [--operators topk,clamp] [--tokens 1,16] [--steps 1] [--json fuzz.json] [--verbose]
+                              [--operators topk,clamp] [--tokens 1,16] [--steps 1] [--jobs 1] [--json fuzz.json] [-v]
 
-Each mutant (`models/mutants.py`) is a fresh read of one fixture with one graph mutation in one MoE block.
+Each mutant (`models/mutants.py`) is a fresh read of one fixture with one graph mutation in one MoE block,
+made and judged in a worker process (replaced every 16 mutants: OpenVINO's pattern objects leak memory).
 It is fused (verification on, as `moe-fusion fuse` runs), then `moe_fusion.check` compares the fused model
 with the mutant itself. Outcomes: fused (the mutated block fused and check passed), declined (the mutated
 block kept as ops, with a reason), rejected (OpenVINO refuses or cannot run the mutant), WRONG (fused but
@@ -21,7 +22,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from models.mutants import OPERATORS, OUTCOMES, Verdict, judge, mutants
+from models.mutants import OPERATORS, OUTCOMES, Verdict, judge_many
 
 
 def table(verdicts: list[Verdict]) -> str:
@@ -59,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--operators", default="", help=f"comma-separated, of: {', '.join(OPERATORS)}")
     parser.add_argument("--tokens", default="1,16", help="check's prefill token counts")
     parser.add_argument("--steps", type=int, default=1, help="check's decode steps")
+    parser.add_argument("--jobs", type=int, default=1, help="worker processes (each mutant compiles models)")
     parser.add_argument("--json", type=Path, help="write every verdict here")
     parser.add_argument("--verbose", "-v", action="store_true", help="one line per mutant")
     args = parser.parse_args(argv)
@@ -68,9 +70,10 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     verdicts: list[Verdict] = []
-    for mutant in mutants(args.seed, args.count, fixtures=fixtures, operators=operators, start=args.start):
-        verdict = judge(mutant, tokens=tokens, steps=args.steps)
+    indices = range(args.start, args.start + args.count)
+    for verdict in judge_many(args.seed, indices, fixtures, operators, tokens, args.steps, jobs=args.jobs):
         verdicts.append(verdict)
+        mutant = verdict.mutant
         if args.verbose or verdict.outcome == "WRONG":
             print(f"{verdict.outcome:8} {verdict.seconds:5.1f}s {mutant.name}: {mutant.description} -> "
                   f"{verdict.detail[:300]}", flush=True)

@@ -863,7 +863,8 @@ def judge(mutant: Mutant, tokens: Iterable[int] = (1, 16), steps: int = 1) -> Ve
     start = time.perf_counter()
 
     def verdict(outcome: str, detail: str, fused: int = 0) -> Verdict:
-        return Verdict(mutant, outcome, detail, fused, time.perf_counter() - start)
+        # the verdict keeps the mutant's description, not its model: a run holds hundreds of verdicts
+        return Verdict(dataclasses.replace(mutant, model=None), outcome, detail, fused, time.perf_counter() - start)
 
     if mutant.model is None:
         return verdict("rejected", f"invalid graph: {mutant.rejected}")
@@ -895,3 +896,41 @@ def judge(mutant: Mutant, tokens: Iterable[int] = (1, 16), steps: int = 1) -> Ve
         others = "; ".join(f"{b.name}: {b.status} {b.reason}".strip() for b in report.blocks) or "empty report"
         return verdict("unreported", f"no row for {mutant.block} ({others})", len(report.fused))
     return verdict("declined", "; ".join(b.reason for b in rows), len(report.fused))
+
+
+def _judge_index(task: tuple) -> Verdict:
+    seed, index, fixtures, operators, tokens, steps = task
+    try:
+        found = mutant(seed, index, fixtures, operators)
+    except Exception:  # the generator's own failure: reported, never counted as a pass
+        import traceback
+
+        stub = Mutant(f"{index:04d}-?", "?", "?", "generator failed", "", "", None)
+        trace = traceback.format_exc(limit=-2).replace("\n", " | ")
+        return Verdict(stub, "WRONG", f"mutant generation crashed: {trace}")
+    return judge(found, tokens=tokens, steps=steps)
+
+
+def judge_many(
+    seed: int,
+    indices: Iterable[int],
+    fixtures: Iterable[str] | None = None,
+    operators: Iterable[str] | None = None,
+    tokens: Iterable[int] = (1, 16),
+    steps: int = 1,
+    jobs: int = 1,
+    per_child: int = 16,
+) -> Iterator[Verdict]:
+    """Verdicts of mutants `indices` of the run `seed`, in order, each made and judged in a worker process
+    that is replaced after `per_child` mutants: building OpenVINO patterns leaks memory (each
+    `openvino.passes.WrapType` keeps ~1.5 KB per type name; ~47 MB per `fuse` on the fixtures), which a
+    long run in one process would pile up to many GB."""
+    import concurrent.futures
+    import multiprocessing
+
+    fixtures = list(fixtures or FIXTURES)
+    operators = list(operators or OPERATORS)
+    tasks = [(seed, i, fixtures, operators, tuple(tokens), steps) for i in indices]
+    context = multiprocessing.get_context("spawn")  # no fork of a process running OpenVINO's threads
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context, max_tasks_per_child=per_child) as pool:
+        yield from pool.map(_judge_index, tasks)
