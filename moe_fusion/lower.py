@@ -9,6 +9,11 @@ Targets (docs/lowering.md has the measurements behind the default):
   experts of each token. Elsewhere (other devices, a pattern that stops matching) the same graph still runs
   correctly, densely: every expert on every token.
 - `grouped`: tokens sorted by expert, then opset17 `GroupedMatMul` with cumulative end offsets per expert.
+- `per-expert`: tokens sorted by expert, a Slice of rows per expert and that expert's own `[out, in]`
+  weights (plain MatMuls -> the CPU plugin's FullyConnected, compressed ones for int8/int4): one GEMM per
+  expert over its rows. Choose it for prefill-heavy use on CPUs without AMX, where GatherMatmul runs one GEMV
+  per routed row, and for few large experts (Mixtral); its decode is slower with many small experts (E
+  MatMul nodes per GEMM, most on zero rows).
 
 Expert GEMMs are written `MatMul(x, W, transpose_b=True)` on out-major weights `[E, out, in]`, the layout the
 plugin's GatherMatmul and its compressed kernels read. A weight that arrives as
@@ -20,6 +25,7 @@ does no folding.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -38,7 +44,8 @@ FUSED_EXPERTS = "FusedExperts"
 CPU = "cpu"
 TILED = "tiled"
 GROUPED = "grouped"
-TARGETS = (CPU, TILED, GROUPED)
+PER_EXPERT = "per-expert"
+TARGETS = (CPU, TILED, GROUPED, PER_EXPERT)
 DEFAULT_TARGET = CPU
 _I64_MAX = np.iinfo(np.int64).max
 _OPSET4 = NodeFactory("opset4")
@@ -51,7 +58,7 @@ class LowerError(ValueError):
 @dataclass
 class LowerReport:
     target: str
-    lowered: dict[str, str] = field(default_factory=dict)  # FusedExperts friendly name -> form (tiled/grouped)
+    lowered: dict[str, str] = field(default_factory=dict)  # FusedExperts name -> form (tiled/grouped/per-expert)
     seconds: float = 0.0
 
     def summary(self) -> str:
@@ -74,15 +81,20 @@ def lower(model: ov.Model, target: str = DEFAULT_TARGET, *, copy_weights: bool =
     start = time.perf_counter()
     report = LowerReport(target)
     for node in fused_experts_nodes(model):
-        experts = _Experts(node, copy_weights)
-        tiled = target == TILED or (target == CPU and tiled_reason(experts) == "")
-        replacement = _tiled(experts) if tiled else _grouped(experts)
+        # per-expert slices the weights itself (one copy per expert): no stacked out-major copy first
+        experts = _Experts(node, copy_weights and target != PER_EXPERT)
+        if target == PER_EXPERT:
+            form, replacement = PER_EXPERT, _per_expert(experts)
+        elif target == TILED or (target == CPU and tiled_reason(experts) == ""):
+            form, replacement = TILED, _tiled(experts)
+        else:
+            form, replacement = GROUPED, _grouped(experts)
         output = node.output(0)
         names = output.get_names()
         output.replace(replacement)
         if names:
             replacement.get_tensor().set_names(names)
-        report.lowered[node.get_friendly_name()] = TILED if tiled else GROUPED
+        report.lowered[node.get_friendly_name()] = form
     if report.lowered:
         model.validate_nodes_and_infer_types()
     report.seconds = time.perf_counter() - start
@@ -296,3 +308,162 @@ def _grouped(experts: _Experts) -> ov.Output:
     placed = ops.scatter_update(ops.broadcast(experts.scalar(0.0), ops.shape_of(y)), order, y, _i64(0))
     out = ops.reduce_sum(ops.reshape(placed, _i64([-1, top_k, h]), False), _i64([1]), False)
     return experts.restore_shape(out.output(0))
+
+
+# ---- target: per-expert (one FullyConnected GEMM per expert on its routed rows) -----------------------------
+
+
+def _sorted_slots(experts: _Experts) -> tuple[ov.Output, ov.Output, ov.Output, int]:
+    """The T*K routing slots sorted by expert (stable): (expert of each sorted slot, slot order, the
+    sorted rows of hidden [T*K, H], K)."""
+    top_k = experts.indices.get_partial_shape()[-1].get_length()
+    slot_expert = ops.convert(ops.reshape(experts.indices, _i64([-1]), False), ov.Type.i32)  # [T*K]
+    slots = ops.shape_of(slot_expert, ov.Type.i32)
+    by_expert = ops11.topk(slot_expert, ops.squeeze(slots, _i64([0])), 0, "min", "value", "i32", stable=True)
+    sorted_expert, order = by_expert.output(0), by_expert.output(1)
+    token = ops.divide(order, ops.constant(np.array(top_k, np.int32)))  # integer division: slot // K
+    rows = ops.gather(experts.flat_hidden(), token, _i64(0))  # [T*K, H], grouped by expert
+    return sorted_expert, order, rows.output(0), top_k
+
+
+def _per_expert(experts: _Experts) -> ov.Output:
+    e, h = experts.num_experts, experts.hidden_size
+    sorted_expert, order, rows, top_k = _sorted_slots(experts)
+    ends = ops.convert(ops15.search_sorted(sorted_expert, ops.constant(np.arange(e, dtype=np.int32)),
+                                           right_mode=True), ov.Type.i64)
+    starts = ops.concat([_i64([0]), ops.slice(ends, _i64([0]), _i64([e - 1]), _i64([1]))], 0)
+    matrices = [_expert_values(m, e) for m in experts.matrices]
+    biases = [_expert_values(_bias(experts, b, [e, -1]), e) for b in experts.biases if b is not None]
+
+    def gemm(a, w):
+        return ops.matmul(a, w, False, True)
+
+    pieces = []
+    for i in range(e):
+        begin, end = ops.gather(starts, _i64([i]), _i64(0)), ops.gather(ends, _i64([i]), _i64(0))
+        mine = ops.slice(rows, begin, end, _i64([1]), _i64([0]))  # this expert's rows; [0, H] if none
+        if experts.expert_type == GEMM3_SWIGLU:
+            w_gate, w_up, w_down = (m[i] for m in matrices)
+            act = ops.multiply(_swish(experts, gemm(mine, w_gate).output(0)), gemm(mine, w_up))
+            y = gemm(act, w_down)
+        else:
+            (w_gate_up, w_down), (b_gate_up, b_down) = (m[i] for m in matrices), (b[i] for b in biases)
+            act = _gemm2_activation(experts, ops.add(gemm(mine, w_gate_up), b_gate_up).output(0), 1)
+            y = ops.add(gemm(act, w_down), b_down)
+        pieces.append(y.output(0))
+    y = ops.concat(pieces, 0)  # [T*K, H] in sorted slot order
+    weight = ops.gather(ops.reshape(experts.routing, _i64([-1, 1]), False), order, _i64(0))  # [T*K, 1]
+    y = ops.multiply(y, weight)
+    placed = ops.scatter_update(ops.broadcast(experts.scalar(0.0), ops.shape_of(y)), order, y, _i64(0))
+    out = ops.reduce_sum(ops.reshape(placed, _i64([-1, top_k, h]), False), _i64([1]), False)
+    return experts.restore_shape(out.output(0))
+
+
+def _expert_values(value: ov.Output, count: int) -> list[ov.Output]:
+    """`value[i]` for every expert i of a stacked `[E, ...]` value, as separate subgraphs.
+
+    Constants are sliced in numpy from their raw storage (u4/i4 nibbles and bf16 bits as stored), and a
+    decompression subgraph (Convert, Subtract, Multiply, Reshape with the expert axis first; a
+    Transpose(.., [0, 2, 1])) is rebuilt per expert on those slices, so each expert's weight stays
+    compressed and reaches the plugin's compressed FullyConnected pattern. Anything else is a Gather."""
+    memo: dict = {}
+    return [_expert_value(value, i, count, memo) for i in range(count)]
+
+
+def _expert_value(value: ov.Output, i: int, count: int, memo: dict) -> ov.Output:
+    key = (value.get_node(), value.get_index(), i)
+    if key not in memo:
+        memo[key] = _slice_expert(value, i, count, memo)
+    return memo[key]
+
+
+def _slice_expert(value: ov.Output, i: int, count: int, memo: dict) -> ov.Output:
+    node, kind = value.get_node(), value.get_node().get_type_name()
+    shape = value.get_partial_shape()
+    index = i if shape.is_static and shape[0].get_length() == count else 0  # a leading 1 broadcasts
+    if kind == "Constant" and shape.is_static:
+        return _constant_slice(node, index)
+    rank = shape.rank.get_length()
+    if kind == "Convert":
+        inner = _expert_value(node.input_value(0), i, count, memo)
+        convert = ops.convert(inner, value.get_element_type())
+        if inner.get_node().get_type_name() == "Constant" and inner.get_element_type().is_real():
+            # f16/bf16 storage: marked as decompression, or the plugin folds it into an f32 copy
+            convert.set_rt_info(_decompression_mark(), "decompression_0")
+        return convert.output(0)
+    if kind in ("Subtract", "Multiply", "Add") and node.get_attributes().get("auto_broadcast", "numpy") == "numpy":
+        inputs = [  # an input of lower rank broadcasts from the right: it holds no expert axis
+            _expert_value(v, i, count, memo) if v.get_partial_shape().rank.get_length() == rank else v
+            for v in node.input_values()
+        ]
+        return {"Subtract": ops.subtract, "Multiply": ops.multiply, "Add": ops.add}[kind](*inputs).output(0)
+    target = node.input_value(1).get_node() if node.get_input_size() > 1 else None
+    if kind == "Reshape" and target.get_type_name() == "Constant" and shape.is_static:
+        dims = [int(d) for d in target.get_data()]
+        if dims[0] == shape[0].get_length() and 0 not in dims[1:]:
+            inner = _expert_value(node.input_value(0), i, count, memo)
+            return ops.reshape(inner, _i64(dims[1:]), False).output(0)
+    if kind == "Transpose" and rank == 3 and _is_swap_last_two(node):
+        inner = _expert_value(node.input_value(0), i, count, memo)
+        if inner.get_node().get_type_name() == "Constant":
+            return _constant_transposed(inner.get_node())
+        return ops.transpose(inner, _i64([1, 0])).output(0)
+    return ops.gather(value, _i64(index), _i64(0)).output(0)  # scalar index: the expert axis goes
+
+
+# A Convert carrying the "decompression" runtime attribute, read from IR: the attribute's type cannot be
+# made from Python, only copied (set_rt_info takes the OVAny as it is).
+_MARKED_CONVERT_IR = """<?xml version="1.0"?>
+<net name="mark" version="11"><layers>
+<layer id="0" name="c" type="Const" version="opset1"><data element_type="f16" shape="1" offset="0" size="2"/>
+<output><port id="0" precision="FP16"><dim>1</dim></port></output></layer>
+<layer id="1" name="cv" type="Convert" version="opset1"><data destination_type="f32"/>
+<rt_info><attribute name="decompression" version="0"/></rt_info>
+<input><port id="0" precision="FP16"><dim>1</dim></port></input>
+<output><port id="1" precision="FP32"><dim>1</dim></port></output></layer>
+<layer id="2" name="r" type="Result" version="opset1"><input><port id="0" precision="FP32"><dim>1</dim></port></input>
+</layer></layers>
+<edges><edge from-layer="0" from-port="0" to-layer="1" to-port="0"/>
+<edge from-layer="1" from-port="1" to-layer="2" to-port="0"/></edges></net>"""
+
+
+@functools.cache
+def _decompression_mark() -> ov.OVAny:
+    model = ov.Core().read_model(_MARKED_CONVERT_IR, ov.Tensor(np.zeros(1, np.float16)))
+    convert = next(n for n in model.get_ordered_ops() if n.get_type_name() == "Convert")
+    return convert.get_rt_info()["decompression_0"]
+
+
+def _raw(const: ov.Node) -> np.ndarray:
+    """A Constant's storage as stored: packed nibbles as uint8, bf16 as uint16."""
+    data = np.asarray(const.get_tensor_view().data)
+    return data.view(np.uint16) if const.get_element_type() == ov.Type.bf16 else data
+
+
+def _constant_slice(const: ov.Node, index: int) -> ov.Output:
+    """`const[index]` as a new Constant of the same element type (sub-byte data sliced as whole bytes)."""
+    element_type, shape = const.get_element_type(), list(const.get_output_shape(0))
+    tensor = ov.Tensor(element_type, ov.Shape(shape[1:]))
+    raw, out = _raw(const).reshape(-1), tensor.data
+    if element_type == ov.Type.bf16:
+        out = out.view(np.uint16)
+    if element_type.bitwidth < 8:  # packed: expert i's elements are bytes [i * n, (i + 1) * n)
+        per = int(np.prod(shape[1:], dtype=np.int64)) * element_type.bitwidth
+        if per % 8:
+            return ops.gather(const, _i64(index), _i64(0)).output(0)
+        n = per // 8
+        out.reshape(-1)[:] = raw[index * n:(index + 1) * n]
+    else:
+        out[...] = raw.reshape(shape)[index]
+    return ov.op.Constant(tensor).output(0)
+
+
+def _constant_transposed(const: ov.Node) -> ov.Output:
+    """A 2-D Constant `[in, out]` copied as `[out, in]`; packed types stay a Transpose for the plugin."""
+    element_type = const.get_element_type()
+    if element_type.bitwidth < 8:
+        return ops.transpose(const, _i64([1, 0])).output(0)
+    data = _raw(const)
+    tensor = ov.Tensor(element_type, ov.Shape([data.shape[1], data.shape[0]]))
+    tensor.data.view(data.dtype)[...] = data.T
+    return ov.op.Constant(tensor).output(0)
