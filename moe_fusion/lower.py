@@ -335,21 +335,25 @@ def _per_expert(experts: _Experts) -> ov.Output:
     matrices = [_expert_values(m, e) for m in experts.matrices]
     biases = [_expert_values(_bias(experts, b, [e, -1]), e) for b in experts.biases if b is not None]
 
-    def gemm(a, w):
-        return ops.matmul(a, w, False, True)
-
     pieces = []
     for i in range(e):
+
+        def gemm(a, w, what: str, i: int = i) -> ov.Node:  # named per expert: profiles and tests find them
+            matmul = ops.matmul(a, w, False, True)
+            matmul.set_friendly_name(f"{experts.name}/expert{i}/{what}")
+            return matmul
+
         begin, end = ops.gather(starts, _i64([i]), _i64(0)), ops.gather(ends, _i64([i]), _i64(0))
         mine = ops.slice(rows, begin, end, _i64([1]), _i64([0]))  # this expert's rows; [0, H] if none
         if experts.expert_type == GEMM3_SWIGLU:
             w_gate, w_up, w_down = (m[i] for m in matrices)
-            act = ops.multiply(_swish(experts, gemm(mine, w_gate).output(0)), gemm(mine, w_up))
-            y = gemm(act, w_down)
+            act = ops.multiply(_swish(experts, gemm(mine, w_gate, "gate").output(0)), gemm(mine, w_up, "up"))
+            y = gemm(act, w_down, "down")
         else:
             (w_gate_up, w_down), (b_gate_up, b_down) = (m[i] for m in matrices), (b[i] for b in biases)
-            act = _gemm2_activation(experts, ops.add(gemm(mine, w_gate_up), b_gate_up).output(0), 1)
-            y = ops.add(gemm(act, w_down), b_down)
+            gate_up = ops.add(gemm(mine, w_gate_up, "gate_up"), b_gate_up)
+            act = _gemm2_activation(experts, gate_up.output(0), 1)
+            y = ops.add(gemm(act, w_down, "down"), b_down)
         pieces.append(y.output(0))
     y = ops.concat(pieces, 0)  # [T*K, H] in sorted slot order
     weight = ops.gather(ops.reshape(experts.routing, _i64([-1, 1]), False), order, _i64(0))  # [T*K, 1]

@@ -29,7 +29,7 @@ from moe_fusion.check import check
 from moe_fusion.cli import main
 from moe_fusion.fuse import fuse
 from moe_fusion.io import load, save
-from moe_fusion.lower import CPU, GROUPED, TARGETS, TILED, fused_experts_nodes, lower
+from moe_fusion.lower import CPU, GROUPED, PER_EXPERT, TARGETS, TILED, fused_experts_nodes, lower
 
 FIXTURES = Path(__file__).resolve().parent.parent / "models" / "fixtures"
 FIXTURE_NAMES = sorted(p.name for p in FIXTURES.iterdir() if p.is_dir())
@@ -177,6 +177,70 @@ def test_synthetic_attributes_and_repeated_experts(case, target, rng):
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
 
 
+@pytest.mark.parametrize("expert_type", [GEMM3_SWIGLU, GEMM2_BIAS_SWIGLU_CLAMP])
+def test_per_expert_with_experts_that_get_no_tokens(expert_type, rng):
+    """Experts with zero routed rows run an empty Slice ([0, H]) through their GEMMs; all tokens on one
+    expert, a single token (decode) and a row routed twice to the same expert work too."""
+    experts = random_experts(6, 16, 12, expert_type, expert_alpha=0.5)
+    fused = fused_model(experts, top_k=2)
+    model = fused.clone()
+    assert set(lower(model, PER_EXPERT).lowered.values()) == {PER_EXPERT}
+    assert not fused_experts_nodes(model)
+    want_model = moe_fusion.core().compile_model(fused, "CPU", F32)
+    got_model = ov.Core().compile_model(model, "CPU", F32)
+    x = rng.standard_normal((7, 16)).astype(np.float32)
+    rw = rng.random((7, 2)).astype(np.float32)
+    cases = {
+        "experts 1 and 4 only": rng.choice([1, 4], (7, 2)),
+        "all on the last expert": np.full((7, 2), 5),
+        "first expert only, repeated": np.zeros((7, 2)),
+    }
+    for what, idx in cases.items():
+        feeds = [x, rw, idx.astype(np.int64)]
+        want, got = want_model(feeds)[0], got_model(feeds)[0]
+        assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max(), what
+    one = [x[:1], rw[:1], np.array([[3, 0]], np.int64)]  # decode: 4 of 6 experts empty
+    want, got = want_model(one)[0], got_model(one)[0]
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
+def runtime_fully_connected(model: ov.Model) -> list:
+    compiled = ov.Core().compile_model(model, "CPU", F32)
+    runtime = compiled.get_runtime_model().get_ordered_ops()
+    return [n for n in runtime if n.get_rt_info()["layerType"].astype(str) == "FullyConnected"]
+
+
+# fixture -> weight types the per-expert FullyConnected nodes must read (every FC of these fixtures)
+PER_EXPERT_WEIGHTS = {
+    "gen1-mixtral-int4-g16-sym": {ov.Type.i4, ov.Type.u8},  # NNCF kept some layers int8
+    "gen1-qwen3moe-norm-int8-asym": {ov.Type.u8},
+    "gen1-mixtral-fp16": {ov.Type.f16},  # marked decompression: not folded into an f32 copy
+}
+
+
+@pytest.mark.parametrize("fixture", sorted(PER_EXPERT_WEIGHTS))
+def test_per_expert_weights_stay_compressed_in_the_runtime_graph(fixture):
+    fused = fused_fixture(fixture)[1]
+    model = fused.clone()
+    report = lower(model, PER_EXPERT)
+    experts = fused_experts_nodes(fused)[0].get_input_partial_shape(3)[0].get_length()
+    # one out-major [out, in] weight per expert and GEMM, read from its own slice of the stacked constant
+    expert_gemms = [n for n in model.get_ordered_ops() if n.get_type_name() == "MatMul"
+                    and "/expert" in n.get_friendly_name()]
+    assert len(expert_gemms) == 3 * experts * len(report.lowered)
+    for matmul in expert_gemms:
+        assert matmul.get_attributes()["transpose_b"]
+        chain, value = [], matmul.input_value(1)
+        while value.get_node().get_type_name() != "Constant":
+            chain.append(value.get_node().get_type_name())
+            value = value.get_node().input_value(0)
+        assert "Transpose" not in chain and "Gather" not in chain, chain
+        assert value.get_node().get_element_type() in PER_EXPERT_WEIGHTS[fixture]
+    found = runtime_fully_connected(model)
+    assert len(found) >= len(expert_gemms)
+    assert {n.input_value(1).get_element_type() for n in found} <= PER_EXPERT_WEIGHTS[fixture]
+
+
 def test_cpu_target_falls_back_to_grouped_where_gather_matmul_would_not_form(rng):
     experts = random_experts(6, 16, 12, GEMM3_SWIGLU, expert_beta=1.3)
     model = fused_model(experts, Router(rng.standard_normal((16, 6)).astype(np.float32), 2))
@@ -185,7 +249,8 @@ def test_cpu_target_falls_back_to_grouped_where_gather_matmul_would_not_form(rng
     assert len(gather_matmuls(model)) == 3
 
 
-def test_bf16_constant_weights_are_transposed_bit_exactly(rng):
+@pytest.mark.parametrize("target", [CPU, PER_EXPERT])
+def test_bf16_constant_weights_are_transposed_bit_exactly(target, rng):
     experts = random_experts(4, 16, 8, GEMM3_SWIGLU)
     hidden = ops.parameter([-1, 16], np.float32)
     router = Router(rng.standard_normal((16, 4)).astype(np.float32), 2)
@@ -200,7 +265,7 @@ def test_bf16_constant_weights_are_transposed_bit_exactly(rng):
     node = moe_fusion.FusedExperts(hidden, routing, indices, *[bf16(w) for w in experts.weights])
     fused = ov.Model([node.output(0)], [hidden])
     model = fused.clone()
-    lower(model)
+    lower(model, target)
     x = rng.standard_normal((5, 16)).astype(np.float32)
     want = moe_fusion.core().compile_model(fused, "CPU", F32)(x)[0]
     got = ov.Core().compile_model(model, "CPU", F32)(x)[0]
@@ -238,10 +303,12 @@ def _llm_feeds(model: ov.Model, tokens: int = 6) -> dict:
     return {k: v for k, v in feeds.items() if k in names}
 
 
-@pytest.mark.parametrize("fixture", ["gen1-qwen3moe", "gen1-gptoss", "gen2-gptoss-zerobias"])
-def test_lowered_ir_runs_with_plain_openvino(fixture, tmp_path):
+@pytest.mark.parametrize(("fixture", "target"), [("gen1-qwen3moe", CPU), ("gen1-gptoss", CPU),
+                                                 ("gen2-gptoss-zerobias", CPU), ("gen1-gptoss", PER_EXPERT),
+                                                 ("gen1-mixtral-int4-g16-sym", PER_EXPERT)])
+def test_lowered_ir_runs_with_plain_openvino(fixture, target, tmp_path):
     original = fused_fixture(fixture)[0]
-    model = lowered(fixture)
+    model = lowered(fixture, target)
     folder = save(model, FIXTURES / fixture, tmp_path / "lowered")
     feeds = _llm_feeds(original)
     np.savez(tmp_path / "logits.in.npz", **feeds)
@@ -264,6 +331,9 @@ def test_cli_lower_and_fuse_lower(tmp_path):
     assert result.exit_code == 0, result.output
     assert "2 FusedExperts lowered for grouped (2 grouped)" in result.output
     assert (tmp_path / "low" / "config.json").is_file()
+    per = runner.invoke(main, ["lower", str(fused), "-o", str(tmp_path / "per"), "--target", "per-expert"])
+    assert per.exit_code == 0, per.output
+    assert "2 FusedExperts lowered for per-expert (2 per-expert)" in per.output
     assert json.loads((tmp_path / "low" / "config.json").read_text())["model_type"] == "mixtral"
     both = ["fuse", str(FIXTURES / "gen1-mixtral"), "-o", str(tmp_path / "both"), "--lower", "cpu", "--no-verify"]
     result = runner.invoke(main, both)
