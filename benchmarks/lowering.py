@@ -1,8 +1,8 @@
 """Compile time, prefill and decode latency of one MoE layer: unfused originals vs FusedExperts lowered.
 
     python benchmarks/lowering.py [--layer qwen3|mixtral] [--weights f16|int4] [--runs 5]
-                                  [--targets tiled,grouped] [--precision default|f32|bf16] [--no-reference]
-                                  [--one-at-a-time auto|yes|no] [--profile] [--transpose-op]
+                                  [--targets tiled,grouped,per-expert] [--precision default|f32|bf16] [--no-reference]
+                                  [--one-at-a-time auto|yes|no] [--profile] [--transpose-op] [--per-expert]
 
 Builds the layer (models/bench_models.py) as the per-expert loop an optimum-intel 1.x export holds (F1) and
 as the tiled form OpenVINO's CPU plugin runs natively as GatherMatmul (F2), fuses the loop into FusedExperts
@@ -38,20 +38,15 @@ from pathlib import Path
 
 import numpy as np
 import openvino as ov
-import openvino.opset11 as ops11
-import openvino.opset14 as ops
-import openvino.opset15 as ops15
-from openvino.utils.node_factory import NodeFactory
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from models.bench_models import SHAPES, WEIGHT_TYPES, LayerWeights, layer_weights, loop_layer, tiled_layer
 from moe_fusion.fuse import fuse
 from moe_fusion.io import core
-from moe_fusion.lower import TARGETS, lower
+from moe_fusion.lower import PER_EXPERT, TARGETS, lower
 
 PREFILL, DECODE = 128, 1
-_OPSET4 = NodeFactory("opset4")
 
 
 @dataclass
@@ -166,67 +161,6 @@ def _lowered(fused: ov.Model, target: str, copy: bool) -> ov.Model:
     return model
 
 
-def per_expert(fused: ov.Model) -> ov.Model:
-    """Prototype form (not in moe_fusion.lower): each FusedExperts (GEMM3 SwiGLU, f16/f32 constant weights)
-    as E per-expert FullyConnected GEMMs on the rows routed to that expert: the T*K slots sorted by expert
-    (TopK min, stable), SearchSorted end offsets, one Slice of rows per expert, SwiGLU on that expert's own
-    `[out, in]` constants, Concat back in sorted order, routing weight, ScatterUpdate to slot order, sum
-    over K. Prefill runs one GEMM per expert over its rows (as the loop's FullyConnected do) instead of the
-    GatherMatmul's GEMV per row, which re-reads the expert's weights for every row on CPUs without AMX."""
-    model = fused.clone()
-    for node in [n for n in model.get_ordered_ops() if n.get_type_name() == "FusedExperts"]:
-        if str(node.get_attributes()["expert_type"]) != "gemm3_swiglu":
-            raise SystemExit("per-expert prototype: GEMM3 SwiGLU experts only")
-        stored = []
-        for i in (3, 4, 5):
-            convert = node.input_value(i).get_node()
-            const = convert.input_value(0).get_node() if convert.get_type_name() == "Convert" else convert
-            if const.get_type_name() != "Constant" or const.get_element_type() not in (ov.Type.f16, ov.Type.f32):
-                raise SystemExit("per-expert prototype: f16/f32 constant weights only")
-            stored.append(const.get_data())  # [E, in, out]
-        x, routing, indices = node.input_value(0), node.input_value(1), node.input_value(2)
-        e, h = stored[0].shape[0], stored[0].shape[1]
-        top_k = indices.get_partial_shape()[-1].get_length()
-        slot_expert = ops.convert(ops.reshape(indices, _i64([-1]), False), ov.Type.i32)
-        count = ops.squeeze(ops.shape_of(slot_expert, ov.Type.i32), _i64([0]))
-        by_expert = ops11.topk(slot_expert, count, 0, "min", "value", "i32", stable=True)
-        order = by_expert.output(1)
-        ends = ops15.search_sorted(by_expert.output(0), ops.constant(np.arange(e, dtype=np.int32)), right_mode=True)
-        ends = ops.convert(ends, ov.Type.i64)  # SearchSorted gives i64 offsets
-        starts = ops.concat([_i64([0]), ops.slice(ends, _i64([0]), _i64([e - 1]), _i64([1]))], 0)
-        flat = ops.reshape(x, _i64([-1, h]), False)  # hidden may come [B, S, H]
-        rows = ops.gather(flat, ops.divide(order, ops.constant(np.array(top_k, np.int32))), _i64(0))  # [T*K, H]
-        pieces = []
-        for expert in range(e):
-            gate_w, up_w, down_w = (_expert_weight(w[expert], x.get_element_type()) for w in stored)
-            begin = ops.gather(starts, _i64([expert]), _i64(0))
-            end = ops.gather(ends, _i64([expert]), _i64(0))
-            mine = ops.slice(rows, begin, end, _i64([1]), _i64([0]))
-            gate = ops.matmul(mine, gate_w, False, True)
-            up = ops.matmul(mine, up_w, False, True)
-            swish = _OPSET4.create("Swish", [gate.output(0)], {}).output(0)
-            pieces.append(ops.matmul(ops.multiply(swish, up), down_w, False, True).output(0))
-        y = ops.concat(pieces, 0)  # [T*K, H] in sorted slot order
-        y = ops.multiply(y, ops.gather(ops.reshape(routing, _i64([-1, 1]), False), order, _i64(0)))
-        zeros = ops.broadcast(ops.constant(np.array(0.0, np.float32)), ops.shape_of(y))
-        placed = ops.scatter_update(zeros, order, y, _i64(0))
-        out = ops.reduce_sum(ops.reshape(placed, _i64([-1, top_k, h]), False), _i64([1]), False)
-        out = ops.reshape(out, ops.shape_of(x), False)
-        node.output(0).replace(out.output(0))
-    model.validate_nodes_and_infer_types()
-    return model
-
-
-def _expert_weight(stored: np.ndarray, element_type: ov.Type) -> ov.Output:
-    """One expert's `[in, out]` storage as an out-major `[out, in]` Constant (copied once), converted."""
-    constant = ops.constant(np.ascontiguousarray(stored.T), shared_memory=True)
-    return ops.convert(constant, element_type).output(0)
-
-
-def _i64(values) -> ov.Output:
-    return ops.constant(np.asarray(values, dtype=np.int64)).output(0)
-
-
 # Memory a compiled form takes per byte of f16 expert weights (Qwen3 layer: 4 forms of 1.2 GB reached
 # 18 GB RSS), plus the copies of the weights alive while building (numpy, a model, the fused stack).
 _RSS_PER_FORM, _RSS_BUILDING = 3.7, 3.0
@@ -258,8 +192,7 @@ def _fuse_in_place(model: ov.Model) -> ov.Model:
     return model
 
 
-def build_forms(weights: LayerWeights, targets: list[str], transpose_op: bool, reference: bool,
-                per_expert_form: bool = False) -> Iterator:
+def build_forms(weights: LayerWeights, targets: list[str], transpose_op: bool, reference: bool) -> Iterator:
     """(form name, model, prepare seconds, measured alone?) one at a time; the caller compiles each model
     before asking for the next, so a model may be changed or dropped after it was yielded."""
     loop, build_s = timed(partial(loop_layer, weights))
@@ -282,10 +215,6 @@ def build_forms(weights: LayerWeights, targets: list[str], transpose_op: bool, r
         model, lower_s = timed(lambda: _lowered(fused, targets[0], False))
         yield f"F1 -> lowered {targets[0]} (Transpose op)", model, fuse_s + lower_s, False
         del model
-    if per_expert_form:
-        model, lower_s = timed(partial(per_expert, fused))
-        yield "F1 -> per-expert FC (prototype)", model, fuse_s + lower_s, False
-        del model
     if reference:
         yield "F1 -> FusedExperts (numpy)", fused, fuse_s, True
 
@@ -305,7 +234,7 @@ def main() -> None:
                         help="compile, time and drop each form before the next (auto: when the estimated "
                              "memory of all forms at once exceeds MemAvailable)")
     parser.add_argument("--per-expert", action="store_true",
-                        help="also time a prototype lowering to one FullyConnected GEMM per expert (f16 only)")
+                        help="also time the per-expert target (same as adding per-expert to --targets)")
     parser.add_argument("--profile", action="store_true",
                         help="PERF_COUNT on: print where one prefill spends its time, per form")
     args = parser.parse_args()
@@ -314,6 +243,11 @@ def main() -> None:
     if args.profile:
         config["PERF_COUNT"] = True
     targets = [t for t in args.targets.split(",") if t]
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown:
+        parser.error(f"unknown targets {unknown}; expected {', '.join(TARGETS)}")
+    if args.per_expert and PER_EXPERT not in targets:
+        targets.append(PER_EXPERT)
 
     bandwidth = read_bandwidth()
     threads = os.cpu_count() or 1
@@ -325,7 +259,7 @@ def main() -> None:
     prefill_floor = 1e3 * layer_bytes / bandwidth
     precision = args.precision if "INFERENCE_PRECISION_HINT" in config else \
         core().get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name()
-    n_forms = 2 + len(targets) + args.transpose_op + args.per_expert
+    n_forms = 2 + len(targets) + args.transpose_op
     estimate = (_RSS_PER_FORM * n_forms + _RSS_BUILDING) * layer_bytes  # int4 stays compressed when compiled
     alone = args.one_at_a_time == "yes" or (args.one_at_a_time == "auto" and estimate > available_bytes())
     print(f"{shape.name} layer: H={shape.hidden} I={shape.intermediate} E={shape.experts} K={shape.top_k}, "
@@ -343,7 +277,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     inputs = {n: rng.standard_normal((1, t, shape.hidden), dtype=np.float32) for n, t in
               (("prefill", PREFILL), ("decode", DECODE))}
-    forms = build_forms(weights, targets, args.transpose_op, not args.no_reference, args.per_expert)
+    forms = build_forms(weights, targets, args.transpose_op, not args.no_reference)
     del weights
     rows: list[Row] = []
     live: list[Timed] = []
