@@ -932,5 +932,8 @@ def judge_many(
     operators = list(operators or OPERATORS)
     tasks = [(seed, i, fixtures, operators, tuple(tokens), steps) for i in indices]
     context = multiprocessing.get_context("spawn")  # no fork of a process running OpenVINO's threads
-    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context, max_tasks_per_child=per_child) as pool:
-        yield from pool.map(_judge_index, tasks)
+    chunk = max(per_child, 1) * max(jobs, 1)
+    # a fresh pool per chunk, not max_tasks_per_child: Python 3.11's pool hangs when it replaces a worker
+    for begin in range(0, len(tasks), chunk):
+        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+            yield from pool.map(_judge_index, tasks[begin : begin + chunk])
