@@ -11,6 +11,7 @@ OpenVINO folds at compile time and lowering removes again (the CPU plugin's comp
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -126,3 +127,33 @@ def _stacked_constant(nodes: list[ov.Node]) -> ov.Output:
     raw = scratch.empty((sum(v.size for v in views),), views[0].dtype)
     np.concatenate(views, out=raw)
     return scratch.packed_constant(raw, element_type, shape)
+
+
+# A Convert carrying the "decompression" runtime attribute, read from IR: the attribute's type cannot be
+# made from Python, only copied (set_rt_info takes the OVAny as it is).
+_MARKED_CONVERT_IR = """<?xml version="1.0"?>
+<net name="mark" version="11"><layers>
+<layer id="0" name="c" type="Const" version="opset1"><data element_type="f16" shape="1" offset="0" size="2"/>
+<output><port id="0" precision="FP16"><dim>1</dim></port></output></layer>
+<layer id="1" name="cv" type="Convert" version="opset1"><data destination_type="f32"/>
+<rt_info><attribute name="decompression" version="0"/></rt_info>
+<input><port id="0" precision="FP16"><dim>1</dim></port></input>
+<output><port id="1" precision="FP32"><dim>1</dim></port></output></layer>
+<layer id="2" name="r" type="Result" version="opset1"><input><port id="0" precision="FP32"><dim>1</dim></port></input>
+</layer></layers>
+<edges><edge from-layer="0" from-port="0" to-layer="1" to-port="0"/>
+<edge from-layer="1" from-port="1" to-layer="2" to-port="0"/></edges></net>"""
+
+
+@functools.cache
+def _decompression_mark() -> ov.OVAny:
+    model = ov.Core().read_model(_MARKED_CONVERT_IR, ov.Tensor(np.zeros(1, np.float16)))
+    convert = next(n for n in model.get_ordered_ops() if n.get_type_name() == "Convert")
+    return convert.get_rt_info()["decompression_0"]
+
+
+def mark_decompression(convert: ov.Node) -> ov.Node:
+    """Mark a Convert of stored f16/bf16 weights as their decompression, as OpenVINO's own IR does: unmarked,
+    the CPU plugin folds it at compile time into an f32 copy of the weights (twice the memory)."""
+    convert.set_rt_info(_decompression_mark(), "decompression_0")
+    return convert

@@ -25,7 +25,6 @@ does no folding.
 
 from __future__ import annotations
 
-import functools
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ import openvino.opset15 as ops15
 import openvino.opset17 as ops17
 from openvino.utils.node_factory import NodeFactory
 
+from moe_fusion.compressed import mark_decompression
 from moe_fusion.reference import GEMM2_BIAS_SWIGLU_CLAMP, GEMM3_SWIGLU
 
 FUSED_EXPERTS = "FusedExperts"
@@ -393,7 +393,7 @@ def _slice_expert(value: ov.Output, i: int, count: int, memo: dict) -> ov.Output
         convert = ops.convert(inner, value.get_element_type())
         if inner.get_node().get_type_name() == "Constant" and inner.get_element_type().is_real():
             # f16/bf16 storage: marked as decompression, or the plugin folds it into an f32 copy
-            convert.set_rt_info(_decompression_mark(), "decompression_0")
+            mark_decompression(convert)
         return convert.output(0)
     if kind in ("Subtract", "Multiply", "Add") and node.get_attributes().get("auto_broadcast", "numpy") == "numpy":
         inputs = [  # an input of lower rank broadcasts from the right: it holds no expert axis
@@ -413,29 +413,6 @@ def _slice_expert(value: ov.Output, i: int, count: int, memo: dict) -> ov.Output
             return _constant_transposed(inner.get_node())
         return ops.transpose(inner, _i64([1, 0])).output(0)
     return ops.gather(value, _i64(index), _i64(0)).output(0)  # scalar index: the expert axis goes
-
-
-# A Convert carrying the "decompression" runtime attribute, read from IR: the attribute's type cannot be
-# made from Python, only copied (set_rt_info takes the OVAny as it is).
-_MARKED_CONVERT_IR = """<?xml version="1.0"?>
-<net name="mark" version="11"><layers>
-<layer id="0" name="c" type="Const" version="opset1"><data element_type="f16" shape="1" offset="0" size="2"/>
-<output><port id="0" precision="FP16"><dim>1</dim></port></output></layer>
-<layer id="1" name="cv" type="Convert" version="opset1"><data destination_type="f32"/>
-<rt_info><attribute name="decompression" version="0"/></rt_info>
-<input><port id="0" precision="FP16"><dim>1</dim></port></input>
-<output><port id="1" precision="FP32"><dim>1</dim></port></output></layer>
-<layer id="2" name="r" type="Result" version="opset1"><input><port id="0" precision="FP32"><dim>1</dim></port></input>
-</layer></layers>
-<edges><edge from-layer="0" from-port="0" to-layer="1" to-port="0"/>
-<edge from-layer="1" from-port="1" to-layer="2" to-port="0"/></edges></net>"""
-
-
-@functools.cache
-def _decompression_mark() -> ov.OVAny:
-    model = ov.Core().read_model(_MARKED_CONVERT_IR, ov.Tensor(np.zeros(1, np.float16)))
-    convert = next(n for n in model.get_ordered_ops() if n.get_type_name() == "Convert")
-    return convert.get_rt_info()["decompression_0"]
 
 
 def _raw(const: ov.Node) -> np.ndarray:

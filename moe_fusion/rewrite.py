@@ -36,7 +36,9 @@ def stacked(weight: Weight, order: list[int], rank: int = 2) -> ov.Output:
         for slot, i in enumerate(order):
             array[slot] = parts[i]
     node = scratch.constant(array)
-    return node if weight.convert_to is None else ops.convert(node, weight.convert_to).output(0)
+    if weight.convert_to is None:
+        return node
+    return compressed.mark_decompression(ops.convert(node, weight.convert_to)).output(0)
 
 
 def build(block: MoEBlock) -> tuple[FusedExperts, ov.Output]:
