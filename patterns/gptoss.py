@@ -65,7 +65,7 @@ def scaled_swish(x):
 
 
 def gptoss_block():
-    x = reshaped(op("Tile", reshaped(any_input("hidden")), any_input()))
+    x = reshaped(op("Tile", reshaped(any_input("hidden")), any_input("repeats"), name="tile"))
     gate_up = biased(op("MatMul", x, weight("gate_up"), name="gate_up_matmul"), "gate_up")
     gate = op("Minimum", lane(gate_up, "gate_slice"), any_input("gate_limit"), name="gate_min")
     up = op("Add", op("Clamp", lane(gate_up, "up_slice"), name="up_clamp"), any_input("up_offset"))
@@ -186,6 +186,12 @@ def _block(values: dict) -> MoEBlock:
     if w_gate_up.ndim != 3 or w_down.ndim != 3:
         raise Decline("expert weights are not stacked [E, in, out]", values["gate_up_matmul"].get_node(), router)
     experts, _, width = w_gate_up.shape
+    repeats = _constant(values["repeats"], "Tile repeats", router).reshape(-1)
+    if repeats.size < 1 or int(repeats[0]) != experts or any(int(r) != 1 for r in repeats[1:]):
+        # any other tiling hands each expert other rows; the CPU plugin's own MoE fusion ignores the repeats,
+        # so neither the proof nor `check` (both on CPU) would see it
+        tile = values["tile"].get_node()
+        raise Decline(f"hidden states tiled {repeats.tolist()}, not once per expert along tokens", tile, router)
 
     # The lanes: both Slices of the one gate_up, stride 2, one starting at 0 and the other at 1.
     gate_slice, up_slice = values["gate_slice"].get_node(), values["up_slice"].get_node()

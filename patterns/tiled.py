@@ -21,7 +21,7 @@ FAMILY = "tiled"
 
 
 def tiled_block():
-    tiled = reshaped(op("Tile", reshaped(any_input("hidden")), any_input()))
+    tiled = reshaped(op("Tile", reshaped(any_input("hidden")), any_input("repeats"), name="tile"))
     experts_out = reshaped(swiglu_mlp(tiled))
     dense = op(
         "ScatterElementsUpdate",
@@ -65,6 +65,7 @@ def _block(values: dict) -> MoEBlock:
         num.add(array.shape[0])
     if len(num) != 1:
         raise Decline(f"stacked weights disagree on the expert count: {sorted(num)}", router, router)
+    _check_tile(values, next(iter(num)), router)
     beta = float(values["swish_beta"].get_node().get_data()) if "swish_beta" in values else 1.0
 
     # The module's output is the Reshape of the sum back to the input's shape, when there is one.
@@ -85,6 +86,21 @@ def _block(values: dict) -> MoEBlock:
         weights=weights,
         expert_beta=beta,
     )
+
+
+def _check_tile(values: dict, experts: int, router) -> None:
+    """The hidden states must be repeated E times along the token axis and nothing else (`repeat(E, 1)`):
+    any other tiling hands each expert other rows. (OpenVINO's CPU plugin ignores the repeats when it
+    fuses this block itself, so neither the proof nor `check`, which run on CPU, would see it.)"""
+    tile = values["tile"].get_node()
+    repeats = strip(values["repeats"]).get_node()
+    data = np.asarray(repeats.get_data()).reshape(-1) if repeats.get_type_name() == "Constant" else None
+    rank = tile.get_input_partial_shape(0).rank
+    if data is None or rank.is_dynamic or data.size != rank.get_length():
+        raise Decline("the hidden states' Tile repeats are not constant", tile, router)
+    if int(data[0]) != experts or any(int(r) != 1 for r in data[1:]):
+        raise Decline(f"hidden states tiled {data.tolist()}, not once per expert along tokens ([{experts}, 1])",
+                      tile, router)
 
 
 def _router_width(dense_routing) -> int | None:

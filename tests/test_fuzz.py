@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import openvino as ov
+import openvino.opset14 as ops
 import pytest
 
 import moe_fusion
@@ -125,3 +126,21 @@ def test_experts_input_without_token_rows_is_declined_not_a_crash():
     (row,) = [b for b in report.blocks if b.name == "__module.model.layers.1.mlp"]
     assert row.status == "skipped", report.table()
     assert "cannot feed token rows to the experts' input of shape [?,8,64]" in row.reason
+
+
+@pytest.mark.parametrize("fixture", ["gen1-qwen3moe-norm", "gen2-mixtral", "gen1-gptoss"])
+def test_hidden_states_tiled_otherwise_are_declined(fixture):
+    """Tile repeats [E, 1] -> [1, E]: every expert then reads other tokens' rows ([T, E*H] viewed as
+    [E, T, H]). This fused, wrongly: OpenVINO's CPU plugin ignores the repeats when it compiles the block
+    (its output equals the unmutated model's, while Model.evaluate's reference differs by more than the
+    output's scale), so the proof and `check`, both run on CPU, agreed with the wrong FusedExperts."""
+    model = moe_fusion.read_model(fixture_path(fixture))
+    tiles = [n for n in model.get_ordered_ops() if n.get_type_name() == "Tile"]
+    tile = tiles[-1]  # layer 1's
+    repeats = np.asarray(tile.input_value(1).get_node().get_data())
+    assert repeats.tolist() == [8, 1]
+    tile.input(1).replace_source_output(ops.constant(repeats[::-1].copy()).output(0))
+    model.validate_nodes_and_infer_types()
+    report = fuse(model)
+    assert [b.status for b in report.blocks] == ["fused", "skipped"], report.table()
+    assert "hidden states tiled [1, 8], not once per expert along tokens" in report.blocks[1].reason
