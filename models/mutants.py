@@ -852,6 +852,46 @@ class Verdict:
         return self.outcome == "declined" and self.mutant.expect == "fused"
 
 
+REFERENCE_RTOL = 1e-2  # reference kernels and CPU differ by up to ~5e-4 of the scale on int8 weights
+
+
+def _against_reference(mutant: Mutant, tokens: int = 16) -> str:
+    """The mutated block cut out and run by OpenVINO's reference implementation (`Model.evaluate`, no plugin
+    transformations) beside its FusedExperts on CPU: '' when they agree, else why not. Independent of the
+    CPU plugin, which compiles some mutants as if unmutated (it ignores a tiled block's Tile repeats)."""
+    from moe_fusion.prove import _shape, submodels
+    from moe_fusion.rewrite import build
+
+    model = mutant.model.clone()
+    blocks, _ = candidates(model, catalogue.load())
+    block = next((b for b in blocks if _same_block(b.name, mutant.block)), None)
+    if block is None:
+        return ""
+    try:
+        fused, replacement = build(block)
+        original, rewritten = submodels(block, fused, replacement)
+    except (ValueError, RuntimeError):
+        return ""
+    rng = np.random.default_rng(0)
+    feeds = [
+        rng.standard_normal(_shape(p.get_partial_shape(), tokens)).astype(p.get_element_type().to_dtype())
+        for p in original.get_parameters()
+    ]
+    outputs = ov.TensorVector([ov.Tensor(o.get_element_type(), ov.Shape([0])) for o in original.outputs])
+    if not original.evaluate(outputs, ov.TensorVector([ov.Tensor(f) for f in feeds])):
+        return ""
+    want = np.asarray(outputs[0].data, np.float64).reshape(-1)
+    compiled = moe_fusion.core().compile_model(rewritten, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    got = np.asarray(compiled(feeds[: len(rewritten.get_parameters())])[0], np.float64).reshape(-1)
+    finite = np.isfinite(want)
+    scale = float(np.abs(want[finite]).max()) if finite.any() else 0.0
+    error = float(np.abs(got[finite] - want[finite]).max()) if finite.any() else 0.0
+    if got.size != want.size or error > REFERENCE_RTOL * max(scale, 1e-6):
+        return (f"fused block differs from the mutant's reference evaluation (Model.evaluate): max |diff| "
+                f"{error:.3g} vs scale {scale:.3g} on {tokens} tokens")
+    return ""
+
+
 def judge(mutant: Mutant, tokens: Iterable[int] = (1, 16), steps: int = 1) -> Verdict:
     """Fuse a copy of the mutant; every fused block must leave the model equivalent to the mutant itself
     (`moe_fusion.check`), every skipped block must carry a reason."""
@@ -891,6 +931,9 @@ def judge(mutant: Mutant, tokens: Iterable[int] = (1, 16), steps: int = 1) -> Ve
         return verdict("WRONG", f"fused model not equivalent to the mutant: {result.reason}", len(report.fused))
     rows = [b for b in report.blocks if _same_block(b.name, mutant.block)]
     if any(b.status == "fused" for b in rows):
+        wrong = _against_reference(mutant)
+        if wrong:
+            return verdict("WRONG", wrong, len(report.fused))
         return verdict("fused", f"max abs error {result.max_abs:.3g}", len(report.fused))
     if not rows:
         others = "; ".join(f"{b.name}: {b.status} {b.reason}".strip() for b in report.blocks) or "empty report"
