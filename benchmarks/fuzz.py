@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--operators", default="", help=f"comma-separated, of: {', '.join(OPERATORS)}")
     parser.add_argument("--tokens", default="1,16", help="check's prefill token counts")
     parser.add_argument("--steps", type=int, default=1, help="check's decode steps")
+    parser.add_argument("--reference", action="store_true",
+                        help="also compare each fused mutated block with Model.evaluate (may crash on some mutants)")
     parser.add_argument("--jobs", type=int, default=1, help="worker processes (each mutant compiles models)")
     parser.add_argument("--json", type=Path, help="write every verdict here")
     parser.add_argument("--verbose", "-v", action="store_true", help="one line per mutant")
@@ -71,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     verdicts: list[Verdict] = []
     indices = range(args.start, args.start + args.count)
-    for verdict in judge_many(args.seed, indices, fixtures, operators, tokens, args.steps, jobs=args.jobs):
+    for verdict in judge_many(args.seed, indices, fixtures, operators, tokens, args.steps, jobs=args.jobs,
+                              reference=args.reference):
         verdicts.append(verdict)
         mutant = verdict.mutant
         if args.verbose or verdict.outcome == "WRONG":

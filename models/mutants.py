@@ -858,7 +858,8 @@ REFERENCE_RTOL = 1e-2  # reference kernels and CPU differ by up to ~5e-4 of the 
 def _against_reference(mutant: Mutant, tokens: int = 16) -> str:
     """The mutated block cut out and run by OpenVINO's reference implementation (`Model.evaluate`, no plugin
     transformations) beside its FusedExperts on CPU: '' when they agree, else why not. Independent of the
-    CPU plugin, which compiles some mutants as if unmutated (it ignores a tiled block's Tile repeats)."""
+    CPU plugin, which compiles some mutants as if unmutated (it ignores a tiled block's Tile repeats).
+    Off by default: `Model.evaluate` crashes the process (SIGSEGV) on some mutants that the CPU runs."""
     from moe_fusion.prove import _shape, submodels
     from moe_fusion.rewrite import build
 
@@ -881,7 +882,9 @@ def _against_reference(mutant: Mutant, tokens: int = 16) -> str:
     if not original.evaluate(outputs, ov.TensorVector([ov.Tensor(f) for f in feeds])):
         return ""
     want = np.asarray(outputs[0].data, np.float64).reshape(-1)
-    compiled = moe_fusion.core().compile_model(rewritten, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    from moe_fusion.check import F32
+
+    compiled = moe_fusion.core().compile_model(rewritten, "CPU", F32)
     got = np.asarray(compiled(feeds[: len(rewritten.get_parameters())])[0], np.float64).reshape(-1)
     finite = np.isfinite(want)
     scale = float(np.abs(want[finite]).max()) if finite.any() else 0.0
@@ -892,7 +895,7 @@ def _against_reference(mutant: Mutant, tokens: int = 16) -> str:
     return ""
 
 
-def judge(mutant: Mutant, tokens: Iterable[int] = (1, 16), steps: int = 1) -> Verdict:
+def judge(mutant: Mutant, tokens: Iterable[int] = (1, 16), steps: int = 1, reference: bool = False) -> Verdict:
     """Fuse a copy of the mutant; every fused block must leave the model equivalent to the mutant itself
     (`moe_fusion.check`), every skipped block must carry a reason."""
     import time
@@ -931,7 +934,7 @@ def judge(mutant: Mutant, tokens: Iterable[int] = (1, 16), steps: int = 1) -> Ve
         return verdict("WRONG", f"fused model not equivalent to the mutant: {result.reason}", len(report.fused))
     rows = [b for b in report.blocks if _same_block(b.name, mutant.block)]
     if any(b.status == "fused" for b in rows):
-        wrong = _against_reference(mutant)
+        wrong = _against_reference(mutant) if reference else ""
         if wrong:
             return verdict("WRONG", wrong, len(report.fused))
         return verdict("fused", f"max abs error {result.max_abs:.3g}", len(report.fused))
@@ -942,7 +945,7 @@ def judge(mutant: Mutant, tokens: Iterable[int] = (1, 16), steps: int = 1) -> Ve
 
 
 def _judge_index(task: tuple) -> Verdict:
-    seed, index, fixtures, operators, tokens, steps = task
+    seed, index, fixtures, operators, tokens, steps, reference = task
     try:
         found = mutant(seed, index, fixtures, operators)
     except Exception:  # the generator's own failure: reported, never counted as a pass
@@ -951,7 +954,7 @@ def _judge_index(task: tuple) -> Verdict:
         stub = Mutant(f"{index:04d}-?", "?", "?", "generator failed", "", "", None)
         trace = traceback.format_exc(limit=-2).replace("\n", " | ")
         return Verdict(stub, "WRONG", f"mutant generation crashed: {trace}")
-    return judge(found, tokens=tokens, steps=steps)
+    return judge(found, tokens=tokens, steps=steps, reference=reference)
 
 
 def judge_many(
@@ -963,6 +966,7 @@ def judge_many(
     steps: int = 1,
     jobs: int = 1,
     per_child: int = 16,
+    reference: bool = False,
 ) -> Iterator[Verdict]:
     """Verdicts of mutants `indices` of the run `seed`, in order, each made and judged in a worker process
     that is replaced after `per_child` mutants: building OpenVINO patterns leaks memory (each
@@ -973,7 +977,7 @@ def judge_many(
 
     fixtures = list(fixtures or FIXTURES)
     operators = list(operators or OPERATORS)
-    tasks = [(seed, i, fixtures, operators, tuple(tokens), steps) for i in indices]
+    tasks = [(seed, i, fixtures, operators, tuple(tokens), steps, reference) for i in indices]
     context = multiprocessing.get_context("spawn")  # no fork of a process running OpenVINO's threads
     chunk = max(per_child, 1) * max(jobs, 1)
     # a fresh pool per chunk, not max_tasks_per_child: Python 3.11's pool hangs when it replaces a worker
