@@ -180,7 +180,7 @@ def _out_major(weight: ov.Output, copy: bool = True) -> ov.Output:
         decompress, node = node.get_output_element_type(0), node.input_value(0).get_node()
     if node.get_type_name() == "Constant" and node.get_element_type().bitwidth >= 8:
         moved = _transposed_constant(node) if copy else ops.transpose(node, _i64([0, 2, 1])).output(0)
-        return moved if decompress is None else ops.convert(moved, decompress).output(0)
+        return moved if decompress is None else mark_decompression(ops.convert(moved, decompress)).output(0)
     return ops.transpose(weight, _i64([0, 2, 1])).output(0)  # anything else: the plugin folds or runs it
 
 

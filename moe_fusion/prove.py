@@ -280,6 +280,31 @@ def _compare(case: str, want: np.ndarray, got: np.ndarray, rtol: float, chosen: 
     return f"{case}: max |diff| {error:.3g} vs scale {scale:.3g} at token {token}{experts}"
 
 
+# Peak memory of a proof per f32 byte of the block's expert weights: both sides compile them (the plugin
+# decompresses f16/int weights to f32 for the original's MatMuls and for FusedExperts' Python inputs) and
+# the forced-routing case compiles a second pair. Measured 6.7 (4.05 GB peak RssAnon for 0.6 GB of f32
+# weights, Qwen3-30B-A3B shapes with 32 experts); 8 leaves room.
+PROOF_MEMORY_PER_WEIGHT_BYTE = 8
+
+
+def _proof_memory(fused: ov.Node) -> int:
+    weights = range(3, fused.get_input_size())
+    elements = sum(int(np.prod(list(fused.get_input_partial_shape(i).get_shape()))) for i in weights)
+    return PROOF_MEMORY_PER_WEIGHT_BYTE * 4 * elements
+
+
+def _available_memory() -> int:
+    """MemAvailable (Linux); unknown elsewhere: no limit."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
+
+
 def prove(block: MoEBlock, fused: ov.Node, replacement: ov.Output, seed: int = 0) -> Proof:
     """Run the block and its replacement on hard inputs; ok only if every case agrees within tolerance."""
     hidden_shape = block.hidden.get_partial_shape()
@@ -287,6 +312,13 @@ def prove(block: MoEBlock, fused: ov.Node, replacement: ov.Output, seed: int = 0
         # rows of tokens fill the dynamic dims; a static batch or a reshaped input (mutation fuzzing found
         # [?, 8, H]) takes no [T, H] rows
         return Proof(False, f"cannot feed token rows to the experts' input of shape {hidden_shape}")
+    needed, available = _proof_memory(fused), _available_memory()
+    if needed > available:
+        return Proof(
+            False,
+            f"proving it needs ~{needed / 1e9:.1f} GB of memory, {available / 1e9:.1f} GB are available; fuse with "
+            "--no-verify and compare the models with `moe-fusion check`",
+        )
     try:
         original, rewritten = submodels(block, fused, replacement)
     except (ValueError, RuntimeError) as error:

@@ -100,3 +100,16 @@ def test_failure_names_the_case_token_and_experts():
     bad = faulty(fused, zero_expert)
     proof = prove(block, bad, bad.output(0))
     assert not proof.ok and " at token " in proof.reason and "(experts [" in proof.reason
+
+
+def test_a_proof_that_would_not_fit_in_memory_is_declined_not_attempted(monkeypatch):
+    """Proving compiles the block's weights twice in f32: with too little memory the block stays unfused,
+    with the reason and the way out, instead of the process being killed."""
+    from moe_fusion import prove as prove_module
+
+    monkeypatch.setattr(prove_module, "_available_memory", lambda: 1 << 20)
+    model = moe_fusion.read_model(FIXTURES / "gen1-mixtral" / "openvino_model.xml")
+    report = moe_fusion.fuse(model)
+    assert [b.status for b in report.blocks] == ["skipped", "skipped"]
+    assert all("GB of memory" in b.reason and "--no-verify" in b.reason for b in report.blocks)
+    assert not any(n.get_type_name() == "FusedExperts" for n in model.get_ordered_ops())
