@@ -36,7 +36,19 @@ def load(extra_dirs: Iterable[str | Path] = ()) -> list[ModuleType]:
     return families
 
 
+_LOADED: dict[tuple[Path, int], ModuleType] = {}
+
+
 def _load_module(path: Path) -> ModuleType:
+    """Each module once per version of its file: families build their patterns once (OpenVINO's WrapType
+    keeps memory per construction, ~47 MB per catalogue rebuild)."""
+    key = (path.resolve(), path.stat().st_mtime_ns)
+    if key not in _LOADED:
+        _LOADED[key] = _exec_module(path)
+    return _LOADED[key]
+
+
+def _exec_module(path: Path) -> ModuleType:
     name = f"moe_fusion_patterns.{path.parent.name}.{path.stem}"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)

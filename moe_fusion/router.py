@@ -7,6 +7,7 @@ from collections.abc import Iterable
 
 import openvino as ov
 
+from moe_fusion.compressed import is_weight
 from moe_fusion.pattern import strip, unsliced
 
 
@@ -35,8 +36,8 @@ def _reads_linear(topk: ov.Node) -> bool:
     for _ in range(6):
         node = strip(value).get_node()
         kind = node.get_type_name()
-        if kind == "MatMul":
-            return any(strip(v).get_node().get_type_name() == "Constant" for v in node.input_values())
+        if kind == "MatMul":  # a constant weight, compressed ones included
+            return any(is_weight(v) for v in node.input_values())
         if kind not in ("Softmax", "Sigmoid", "Add", "Multiply", "Divide"):
             return False
         value = node.input_value(0)

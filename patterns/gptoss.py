@@ -19,6 +19,8 @@ is the gate are read from the graph.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import openvino as ov
 
@@ -64,6 +66,7 @@ def scaled_swish(x):
     )
 
 
+@functools.cache  # built once: patterns are reusable, and every WrapType costs memory
 def gptoss_block():
     x = reshaped(op("Tile", reshaped(any_input("hidden")), any_input("repeats"), name="tile"))
     gate_up = biased(op("MatMul", x, weight("gate_up"), name="gate_up_matmul"), "gate_up")

@@ -14,6 +14,8 @@ block sets `weights_on_input`. With top-k > 1 no FusedExperts computes it, and t
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import openvino.opset14 as ops
 
@@ -24,6 +26,7 @@ from moe_fusion.pattern import any_input, const, match, op, read_linear, reshape
 FAMILY = "llama4"
 
 
+@functools.cache  # built once: patterns are reusable, and every WrapType costs memory
 def llama4_block():
     scattered = op(
         "ScatterElementsUpdate",

@@ -17,6 +17,7 @@ on/off values split out of one `[off, on]` Constant; `torch.where` as NonZero ->
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 
 import numpy as np
@@ -33,6 +34,7 @@ def one_hot_value():
     return either(const(), reshaped(op("Split", const(), const()), 2))
 
 
+@functools.cache  # built once: patterns are reusable, and every WrapType costs memory
 def expert_slot():
     """One loop iteration, rooted at its index_add_: a ScatterElementsUpdate/ScatterNDUpdate with sum, or the
     ONNX exporter's Add of the accumulator and a ScatterElements into zeros."""

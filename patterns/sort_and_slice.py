@@ -16,6 +16,8 @@ order from the graph itself: slice e ends at `start[e] + expert_size[e]`.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from moe_fusion.block import Decline, MoEBlock, Weight
@@ -25,6 +27,7 @@ from moe_fusion.pattern import any_input, const, match, op, read_linear, reshape
 FAMILY = "sort_and_slice"
 
 
+@functools.cache  # built once: patterns are reusable, and every WrapType costs memory
 def combine():
     """`zeros.index_add(0, tokens, y * gates.flatten()[order, None])`, y the down projections' Concat."""
     slot_gates = op("Gather", reshaped(any_input("routing_weights")), reshaped(any_input("order")), const())
@@ -49,6 +52,16 @@ def activation():
     """`act(gate) * up` with `gate, up = h.chunk(2, dim=-1)`."""
     chunks = op("VariadicSplit", any_input("gate_up"), const("chunk_axis"), any_input(), name="chunks")
     return op("Multiply", op("Swish", chunks, name="swish"), chunks)
+
+
+@functools.cache
+def _down_run():
+    return expert_run(activation(), "down")
+
+
+@functools.cache
+def _gate_up_run():
+    return expert_run(reshaped(any_input("rows")), "gate_up")
 
 
 def find(model):
@@ -113,7 +126,7 @@ def _block(values: dict) -> MoEBlock:
         raise Decline("accumulated rows are not order // top_k", tokens, router)
 
     # Down projections: one run per Concat input; their rows come from act(gate) * up.
-    down = [match(expert_run(activation(), "down"), v) for v in values["down_cat"].get_node().input_values()]
+    down = [match(_down_run(), v) for v in values["down_cat"].get_node().input_values()]
     if any(d is None for d in down):
         raise Decline("a Concat input is not an expert's output_linear on its run of rows", scatter, router)
     act = down[0]
@@ -127,7 +140,7 @@ def _block(values: dict) -> MoEBlock:
     gate_up_cat = strip(act["gate_up"]).get_node()
     if gate_up_cat.get_type_name() != "Concat":
         raise Decline("gate_up is not a Concat of per-expert runs", gate_up_cat, router)
-    gate_up = [match(expert_run(reshaped(any_input("rows")), "gate_up"), v) for v in gate_up_cat.input_values()]
+    gate_up = [match(_gate_up_run(), v) for v in gate_up_cat.input_values()]
     if any(g is None for g in gate_up) or len(gate_up) != len(down):
         raise Decline("a Concat input is not an expert's input_linear on its run of rows", gate_up_cat, router)
 

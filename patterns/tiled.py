@@ -11,6 +11,8 @@ most MoE models:
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import openvino as ov
 
@@ -20,6 +22,7 @@ from moe_fusion.pattern import any_input, const, match, op, read_linear, reshape
 FAMILY = "tiled"
 
 
+@functools.cache  # built once: patterns are reusable, and every WrapType costs memory
 def tiled_block():
     tiled = reshaped(op("Tile", reshaped(any_input("hidden")), any_input("repeats"), name="tile"))
     experts_out = reshaped(swiglu_mlp(tiled))

@@ -129,3 +129,13 @@ def test_experts_mixing_precisions_are_declined(other):
     assert row.status == "skipped"
     assert "differ" in row.reason and ("precision" in row.reason or "decompression" in row.reason), row.reason
     assert [b.status for b in report.blocks].count("fused") == 1  # layer 1 is untouched by the change
+
+
+def test_a_compressed_router_whose_experts_match_no_family_is_reported():
+    """The router's own weight is int4 too: it is still recognised as a router and reported."""
+    model = moe_fusion.read_model(FIXTURES / "gen1-mixtral-int4-g16-sym" / "openvino_model.xml")
+    for node in model.get_ordered_ops():
+        if node.get_type_name() == "Swish":
+            node.output(0).replace(ops.gelu(node.input_value(0), "erf").output(0))
+    report = fuse(model)
+    assert len(report.blocks) == 2 and all(b.status == "skipped" and b.reason for b in report.blocks), report.table()
