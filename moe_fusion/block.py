@@ -7,6 +7,7 @@ report and lowering read it. Weights are numpy views of the graph's constants, o
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -75,6 +76,15 @@ class Decline(Exception):
         self.reason = reason + where
         self.router = router
         self.node = node
+
+
+def blocks_or_declines(found: Iterable, build: Callable[[dict], MoEBlock]) -> Iterator[MoEBlock | Decline]:
+    """`build(values)` for each match: the block, or the Decline it raised (what a family's find yields)."""
+    for values in found:
+        try:
+            yield build(values)
+        except Decline as decline:
+            yield decline
 
 
 @dataclass

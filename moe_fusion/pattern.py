@@ -8,7 +8,7 @@ Op names are version-free: `op("TopK", ...)` matches TopK-1, -3 and -11 alike.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import openvino as ov
@@ -93,6 +93,15 @@ def match(pattern: Pattern, output: ov.Output) -> dict[str, ov.Output] | None:
         if label.startswith(_NAME_PREFIX):
             values[label[len(_NAME_PREFIX) :]] = value
     return values
+
+
+def matches(model: ov.Model, pattern: Pattern, anchor: str) -> Iterator[dict[str, ov.Output]]:
+    """`match(pattern, ...)` at every node of type `anchor` (the pattern's root) that matches."""
+    for node in model.get_ordered_ops():
+        if node.get_type_name() == anchor:
+            values = match(pattern, node.output(0))
+            if values is not None:
+                yield values
 
 
 # ---- building blocks shared by families -----------------------------------------------------------

@@ -24,12 +24,12 @@ import functools
 import numpy as np
 import openvino as ov
 
-from moe_fusion.block import Decline, MoEBlock, Weight
+from moe_fusion.block import Decline, MoEBlock, Weight, blocks_or_declines
 from moe_fusion.pattern import (
     any_input,
     const,
     either,
-    match,
+    matches,
     op,
     read_linear,
     reshaped,
@@ -87,15 +87,7 @@ def gptoss_block():
 
 
 def find(model: ov.Model):
-    pattern = gptoss_block()
-    for node in model.get_ordered_ops():
-        if node.get_type_name() == "ReduceSum":
-            values = match(pattern, node.output(0))
-            if values is not None:
-                try:
-                    yield _block(values)
-                except Decline as decline:
-                    yield decline
+    return blocks_or_declines(matches(model, gptoss_block(), "ReduceSum"), _block)
 
 
 # ---- reading the match ---------------------------------------------------------------------------

@@ -19,9 +19,21 @@ import functools
 import numpy as np
 import openvino.opset14 as ops
 
-from moe_fusion.block import Decline, MoEBlock, Weight
+from moe_fusion.block import Decline, MoEBlock, Weight, blocks_or_declines
 from moe_fusion.compressed import Compressed
-from moe_fusion.pattern import any_input, const, match, op, read_linear, reshaped, same, strip, swish, unsliced, weight
+from moe_fusion.pattern import (
+    any_input,
+    const,
+    matches,
+    op,
+    read_linear,
+    reshaped,
+    same,
+    strip,
+    swish,
+    unsliced,
+    weight,
+)
 
 FAMILY = "llama4"
 
@@ -45,15 +57,7 @@ def llama4_block():
 
 
 def find(model):
-    pattern = llama4_block()
-    for node in model.get_ordered_ops():
-        if node.get_type_name() == "ReduceSum":
-            values = match(pattern, node.output(0))
-            if values is not None:
-                try:
-                    yield _block(values)
-                except Decline as decline:
-                    yield decline
+    return blocks_or_declines(matches(model, llama4_block(), "ReduceSum"), _block)
 
 
 def _numbers(value) -> np.ndarray | None:

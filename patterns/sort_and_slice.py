@@ -20,9 +20,9 @@ import functools
 
 import numpy as np
 
-from moe_fusion.block import Decline, MoEBlock, Weight
+from moe_fusion.block import Decline, MoEBlock, Weight, blocks_or_declines
 from moe_fusion.compressed import Compressed
-from moe_fusion.pattern import any_input, const, match, op, read_linear, reshaped, same, strip, weight
+from moe_fusion.pattern import any_input, const, match, matches, op, read_linear, reshaped, same, strip, weight
 
 FAMILY = "sort_and_slice"
 
@@ -65,15 +65,7 @@ def _gate_up_run():
 
 
 def find(model):
-    pattern = combine()
-    for node in model.get_ordered_ops():
-        if node.get_type_name() == "ScatterElementsUpdate":
-            values = match(pattern, node.output(0))
-            if values is not None:
-                try:
-                    yield _block(values)
-                except Decline as decline:
-                    yield decline
+    return blocks_or_declines(matches(model, combine(), "ScatterElementsUpdate"), _block)
 
 
 def _constant(value) -> np.ndarray | None:

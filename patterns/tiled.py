@@ -16,8 +16,8 @@ import functools
 import numpy as np
 import openvino as ov
 
-from moe_fusion.block import Decline, MoEBlock, Weight
-from moe_fusion.pattern import any_input, const, match, op, read_linear, reshaped, strip, swiglu_mlp
+from moe_fusion.block import Decline, MoEBlock, Weight, blocks_or_declines
+from moe_fusion.pattern import any_input, const, matches, op, read_linear, reshaped, strip, swiglu_mlp
 
 FAMILY = "tiled"
 
@@ -39,15 +39,7 @@ def tiled_block():
 
 
 def find(model):
-    pattern = tiled_block()
-    for node in model.get_ordered_ops():
-        if node.get_type_name() == "ReduceSum":
-            values = match(pattern, node.output(0))
-            if values is not None:
-                try:
-                    yield _block(values)
-                except Decline as decline:
-                    yield decline
+    return blocks_or_declines(matches(model, tiled_block(), "ReduceSum"), _block)
 
 
 def _block(values: dict) -> MoEBlock:
