@@ -234,7 +234,7 @@ def _llm_feed(name: str, param: ov.Node, ids: np.ndarray, past: int) -> np.ndarr
     return np.zeros((batch, length), dtype)  # token_type_ids
 
 
-def _shape(partial: ov.PartialShape, tokens: int) -> list[int]:
+def token_shape(partial: ov.PartialShape, tokens: int) -> list[int]:
     """Concrete shape: the last dynamic dim gets the tokens, other dynamic dims 1 (batch)."""
     dims = [d.get_length() if d.is_static else None for d in partial]
     dynamic = [i for i, d in enumerate(dims) if d is None]
@@ -248,7 +248,7 @@ def _random(param: ov.Node, tokens: int, rng: np.random.Generator) -> np.ndarray
     name = _name(param.output(0))
     if partial.rank.is_dynamic:
         raise InputError(f"input '{name}' has dynamic rank: cannot generate data for it")
-    shape = _shape(partial, tokens)
+    shape = token_shape(partial, tokens)
     if name.startswith(("past_key_values", "past.")):  # stateless KV cache: batch 1, empty past
         dynamic = [i for i, d in enumerate(partial) if d.is_dynamic]
         shape = [0 if i in dynamic[1:] else d for i, d in enumerate(shape)]

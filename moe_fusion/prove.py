@@ -27,7 +27,7 @@ import openvino as ov
 import openvino.opset14 as ops
 
 from moe_fusion.block import MoEBlock
-from moe_fusion.check import F32
+from moe_fusion.check import F32, token_shape
 from moe_fusion.io import core
 from moe_fusion.io import first_line as _first_line
 
@@ -152,15 +152,6 @@ def submodels(
     return original, rewritten
 
 
-def _shape(partial: ov.PartialShape, tokens: int) -> list[int]:
-    """Concrete shape for `tokens` tokens: the last dynamic dim gets the tokens, other dynamic dims 1."""
-    dims = [d.get_length() if d.is_static else None for d in partial]
-    dynamic = [i for i, d in enumerate(dims) if d is None]
-    for i in dynamic:
-        dims[i] = tokens if i == dynamic[-1] else 1
-    return dims
-
-
 def _constant(value: ov.Output) -> np.ndarray | None:
     """The array behind a Constant, or a Convert of one."""
     node = value.get_node()
@@ -204,9 +195,9 @@ class _Sides:
 
     def feeds(self, rows: np.ndarray, *routing: np.ndarray) -> list[np.ndarray]:
         tokens = rows.shape[0]
-        first = rows.reshape(_shape(self.block.hidden.get_partial_shape(), tokens)).astype(self.dtype)
+        first = rows.reshape(token_shape(self.block.hidden.get_partial_shape(), tokens)).astype(self.dtype)
         extra = [  # shape-only neighbours: arrays of their own shape for this many tokens
-            self.rng.standard_normal(_shape(p.get_partial_shape(), tokens)).astype(p.get_element_type().to_dtype())
+            self.rng.standard_normal(token_shape(p.get_partial_shape(), tokens)).astype(p.get_element_type().to_dtype())
             for p in self.params[1 + len(routing) :]
         ]
         return [first, *routing, *extra]
@@ -382,12 +373,12 @@ def _prove_forced(block, fused, replacement, rng, proof: Proof, rtol: float) -> 
     tokens = max(STEERED_TOKENS, num_experts)
     index_type = block.topk_indices.get_element_type().to_dtype()
     indices, weights = _forced_routing(tokens, num_experts, top_k, rng, index_type)
-    shape = _shape(block.routing_weights.get_partial_shape(), tokens)
+    shape = token_shape(block.routing_weights.get_partial_shape(), tokens)
     if int(np.prod(shape)) != weights.size:
         proof.notes.append(f"forced routing skipped: routing weights of shape {shape}, not [T, K]")
         return set()
     weights = weights.reshape(shape).astype(block.routing_weights.get_element_type().to_dtype())
-    indices = indices.reshape(_shape(block.topk_indices.get_partial_shape(), tokens))
+    indices = indices.reshape(token_shape(block.topk_indices.get_partial_shape(), tokens))
     rows = rng.standard_normal((tokens, sides.hidden_size)).astype(np.float32)
     case = f"{tokens} tokens with forced routing"
     try:
