@@ -127,6 +127,11 @@ def swish(x: Pattern) -> Pattern:
     )
 
 
+def swish_beta(values: dict[str, ov.Output]) -> float:
+    """The beta of a matched `swish(...)`: its second input, or 1 (SiLU)."""
+    return float(values["swish_beta"].get_node().get_data()) if "swish_beta" in values else 1.0
+
+
 def swiglu_mlp(x: Pattern) -> Pattern:
     """The expert MLP: down(act(gate(x)) * up(x))."""
     return linear(op("Multiply", swish(linear(x, "gate")), linear(x, "up")), "down")

@@ -31,6 +31,7 @@ from moe_fusion.pattern import (
     same,
     strip,
     swish,
+    swish_beta,
     unsliced,
     weight,
 )
@@ -112,7 +113,7 @@ def _block(values: dict) -> MoEBlock:
     if gate_up_type != down_type:
         raise Decline("gate_up and down weights differ in precision", router, router)
     half = w_gate_up.shape[-1] // 2
-    beta = float(values["swish_beta"].get_node().get_data()) if "swish_beta" in values else 1.0
+    beta = swish_beta(values)
     return MoEBlock(
         family=FAMILY,
         router=router,

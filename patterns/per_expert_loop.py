@@ -24,7 +24,19 @@ import numpy as np
 import openvino as ov
 
 from moe_fusion.block import Decline, MoEBlock, Weight
-from moe_fusion.pattern import any_input, const, either, match, op, read_linear, reshaped, same, strip, swiglu_mlp
+from moe_fusion.pattern import (
+    any_input,
+    const,
+    either,
+    match,
+    op,
+    read_linear,
+    reshaped,
+    same,
+    strip,
+    swiglu_mlp,
+    swish_beta,
+)
 
 FAMILY = "per_expert_loop"
 
@@ -150,7 +162,7 @@ def _block(group: list[dict]) -> MoEBlock:
                 raise Decline(
                     f"experts' {name} weights differ in precision", values[key + "_matmul"].get_node(), router
                 )
-        betas.add(float(values["swish_beta"].get_node().get_data()) if "swish_beta" in values else 1.0)
+        betas.add(swish_beta(values))
     if len(betas) != 1:
         raise Decline(f"experts' Swish betas differ: {sorted(betas)}", router, router)
 

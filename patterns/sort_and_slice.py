@@ -22,7 +22,19 @@ import numpy as np
 
 from moe_fusion.block import Decline, MoEBlock, Weight, blocks_or_declines
 from moe_fusion.compressed import Compressed
-from moe_fusion.pattern import any_input, const, match, matches, op, read_linear, reshaped, same, strip, weight
+from moe_fusion.pattern import (
+    any_input,
+    const,
+    match,
+    matches,
+    op,
+    read_linear,
+    reshaped,
+    same,
+    strip,
+    swish_beta,
+    weight,
+)
 
 FAMILY = "sort_and_slice"
 
@@ -156,7 +168,7 @@ def _block(values: dict) -> MoEBlock:
     if len(convert) != 1:
         raise Decline("experts' weights differ in precision", gate_up_cat, router)
     convert_to = convert.pop()
-    beta = float(act["swish_beta"].get_node().get_data()) if "swish_beta" in act else 1.0
+    beta = swish_beta(act)
     return MoEBlock(
         family=FAMILY,
         router=router,

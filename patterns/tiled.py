@@ -17,7 +17,7 @@ import numpy as np
 import openvino as ov
 
 from moe_fusion.block import Decline, MoEBlock, Weight, blocks_or_declines
-from moe_fusion.pattern import any_input, const, matches, op, read_linear, reshaped, strip, swiglu_mlp
+from moe_fusion.pattern import any_input, const, matches, op, read_linear, reshaped, strip, swiglu_mlp, swish_beta
 
 FAMILY = "tiled"
 
@@ -61,7 +61,7 @@ def _block(values: dict) -> MoEBlock:
     if len(num) != 1:
         raise Decline(f"stacked weights disagree on the expert count: {sorted(num)}", router, router)
     _check_tile(values, next(iter(num)), router)
-    beta = float(values["swish_beta"].get_node().get_data()) if "swish_beta" in values else 1.0
+    beta = swish_beta(values)
 
     # The module's output is the Reshape of the sum back to the input's shape, when there is one.
     total = values["sum"]
