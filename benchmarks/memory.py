@@ -3,7 +3,8 @@
 Builds LAYERS per-expert-loop MoE layers at Qwen3-30B-A3B's shape (H 2048, I 768, 128 experts, top-8; f16
 weights behind a decompression Convert, 1.2 GB per layer, every expert distinct) chained with residual
 adds, saves the IR, then runs `moe-fusion fuse` on it in a subprocess while sampling its /proc status:
-peak RssAnon (anonymous memory: what fusing itself allocates) and peak RSS (which also counts the
+peak RssAnon (anonymous memory: what fusing itself allocates, summed with the proof's worker processes) and
+peak RSS (which also counts the
 memory-mapped input and the file-backed stacked weights, both evictable page cache).
 
     python benchmarks/memory.py [--layers 7] [--dir /tmp/moe-memory] [--verify]
@@ -75,28 +76,50 @@ def _status(pid: int) -> dict[str, int]:
     return values
 
 
-def measure(command: list[str]) -> tuple[float, int, int]:
-    """(seconds, peak RssAnon, peak RSS) of a subprocess, sampled every 20 ms."""
+def _tree(pid: int) -> list[int]:
+    """`pid` and its descendants (the proof's worker processes)."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    parents[int(entry)] = int(stat.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    tree, frontier = [pid], [pid]
+    while frontier:
+        frontier = [child for child, parent in parents.items() if parent in frontier]
+        tree += frontier
+    return tree
+
+
+def measure(command: list[str], check: bool = True) -> tuple[float, int, int, int]:
+    """(seconds, peak RssAnon, peak RSS, exit code) of a subprocess and its descendants (summed), sampled
+    every 20 ms."""
     start = time.perf_counter()
     process = subprocess.Popen(command)
     peak = {"RssAnon": 0, "VmRSS": 0}
 
     def sample() -> None:
         while process.poll() is None:
-            try:
-                for key, value in _status(process.pid).items():
-                    peak[key] = max(peak[key], value)
-            except (FileNotFoundError, ProcessLookupError):
-                return
+            total = {"RssAnon": 0, "VmRSS": 0}
+            for pid in _tree(process.pid):
+                try:
+                    for key, value in _status(pid).items():
+                        total[key] += value
+                except (FileNotFoundError, ProcessLookupError):
+                    continue
+            for key, value in total.items():
+                peak[key] = max(peak[key], value)
             time.sleep(0.02)
 
     sampler = threading.Thread(target=sample)
     sampler.start()
     code = process.wait()
     sampler.join()
-    if code:
+    if code and check:
         raise SystemExit(f"{' '.join(command)} exited with {code}")
-    return time.perf_counter() - start, peak["RssAnon"], peak["VmRSS"]
+    return time.perf_counter() - start, peak["RssAnon"], peak["VmRSS"], code
 
 
 def main() -> None:
@@ -118,7 +141,7 @@ def main() -> None:
         out = args.dir / f"fused-{label.strip('-')}.xml"
         cli = [sys.executable, "-c", "from moe_fusion.cli import main; main()"]
         command = [*cli, "fuse", str(xml), "-o", str(out), "--force", *extra]
-        seconds, anon, rss = measure(command)
+        seconds, anon, rss, _ = measure(command)
         size = out.with_suffix(".bin").stat().st_size / gb
         print(
             f"fuse {label}: {seconds:.1f} s, peak RssAnon {anon / gb:.2f} GB, peak RSS {rss / gb:.2f} GB, "

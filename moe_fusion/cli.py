@@ -77,7 +77,14 @@ def fuse_command(input_path, output, report_path, patterns, no_verify, force, in
     with click.progressbar(length=1, label="fusing", file=sys.stderr if sys.stderr.isatty() else io.StringIO()) as bar:
 
         def progress(done: int, total: int) -> None:
-            bar.length = total
+            if done == 0 and total and not no_verify:
+                click.echo(
+                    f"proving {total} MoE block{'s' * (total != 1)} before rewriting: each runs beside its "
+                    "replacement in two worker processes, on weights mapped from the model's files (memory: "
+                    "about 0.5 GB, whatever the weights' size; time: about a compile of each block)",
+                    err=True,
+                )
+            bar.length = max(total, 1)
             bar.update(done - bar.pos)
 
         report = fuse(model, patterns=patterns, verify=not no_verify, progress=progress)

@@ -113,6 +113,8 @@ def fuse(
     families = catalogue.load(patterns)
     blocks, misses = candidates(model, families)
     report = Report(blocks=list(misses))
+    if progress:
+        progress(0, len(blocks))
     for done, block in enumerate(blocks, start=1):
         reason = completeness(block)
         if reason:

@@ -356,34 +356,63 @@ def _run_side(xml: str, weights: list[mapped.FileBytes], runs: list, target: str
     from moe_fusion.lower import lower
 
     model = core().read_model(xml)
+    feeds = {p.get_friendly_name(): weights[int(p.get_friendly_name()[len(mapped.WEIGHT_PREFIX) :])]
+             for p in model.get_parameters() if p.get_friendly_name().startswith(mapped.WEIGHT_PREFIX)}
     mappings = []  # alive as long as the Tensors over them
-    tensors = {}
-    for param in model.get_parameters():
-        name = param.get_friendly_name()
-        if name.startswith(mapped.WEIGHT_PREFIX):
-            tensor, mapping = weights[int(name[len(mapped.WEIGHT_PREFIX) :])].tensor()
-            tensors[name] = tensor
+    if mode == "constant":
+        for param in [p for p in model.get_parameters() if p.get_friendly_name() in feeds]:
+            tensor, mapping = feeds.pop(param.get_friendly_name()).tensor()
             mappings.append(mapping)
-            if mode == "constant":
-                param.output(0).replace(ops.constant(tensor, shared_memory=True).output(0))
-                model.remove_parameter(param)
+            param.output(0).replace(ops.constant(tensor, shared_memory=True).output(0))
+            model.remove_parameter(param)
     if target:
         lower(model, target)
+        _per_expert_parameters(model, feeds)
     if mode == "dynamic":
         mapped.relax(model)
     params = model.get_parameters()
     request = core().compile_model(model, "CPU", F32).create_infer_request()
-    data = [i for i, p in enumerate(params) if p.get_friendly_name() not in tensors]
+    data = [i for i, p in enumerate(params) if p.get_friendly_name() not in feeds]
     for i, param in enumerate(params):
-        if param.get_friendly_name() in tensors:
-            request.set_input_tensor(i, tensors[param.get_friendly_name()])
+        if param.get_friendly_name() in feeds:
+            tensor, mapping = feeds[param.get_friendly_name()].tensor()
+            mappings.append(mapping)
+            request.set_input_tensor(i, tensor)
     results = []
-    for feeds in runs:
-        for i, array in zip(data, feeds, strict=True):
+    for inputs in runs:
+        for i, array in zip(data, inputs, strict=True):
             request.set_input_tensor(i, ov.Tensor(np.ascontiguousarray(array)))
         request.infer()
         results.append([np.array(request.get_output_tensor(o).data) for o in range(len(request.model_outputs))])
     return results
+
+
+def _per_expert_parameters(model: ov.Model, feeds: dict[str, mapped.FileBytes]) -> None:
+    """`Gather(stacked weight, e, axis 0)` (how the per-expert lowering reads a non-constant weight) becomes
+    a Parameter of its own fed with expert e's bytes: each expert's weight is then read where it is used,
+    not gathered up front into a copy of every expert."""
+    for node in model.get_ordered_ops():
+        if node.get_type_name() != "Gather":
+            continue
+        source, index, axis = (v.get_node() for v in node.input_values())
+        name = source.get_friendly_name()
+        if name not in feeds or index.get_type_name() != "Constant" or axis.get_type_name() != "Constant":
+            continue
+        whole, expert = feeds[name], int(index.get_data().reshape(-1)[0]) if index.get_data().size == 1 else -1
+        count = whole.shape[0]
+        if int(axis.get_data().reshape(-1)[0]) != 0 or not 0 <= expert < count or whole.nbytes % count:
+            continue
+        step = whole.nbytes // count
+        part = mapped.FileBytes(whole.path, whole.offset + expert * step, whole.element_type, whole.shape[1:], step)
+        param = ops.parameter(list(part.shape), node.get_output_element_type(0))
+        param.set_friendly_name(f"{name}_expert{expert}")
+        node.output(0).replace(param.output(0))
+        model.add_parameters([param])
+        feeds[param.get_friendly_name()] = part
+    for param in model.get_parameters():
+        if param.get_friendly_name() in feeds and not param.output(0).get_target_inputs():
+            model.remove_parameter(param)
+            del feeds[param.get_friendly_name()]
 
 
 # The proof's two sides run in their own processes, at the same time (one compiles while the other runs).
