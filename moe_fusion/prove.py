@@ -31,6 +31,7 @@ import openvino.opset14 as ops
 from moe_fusion import isolate, mapped
 from moe_fusion.block import MoEBlock
 from moe_fusion.check import F32, token_shape
+from moe_fusion.compressed import Compressed
 from moe_fusion.io import core
 from moe_fusion.io import first_line as _first_line
 
@@ -336,15 +337,15 @@ class _NotTokenRows(ValueError):
     """Forced routing cannot be fed: the routing values are not [T, K] rows."""
 
 
-def run_side(xml: str, weights: list[mapped.FileBytes], runs: list[list[np.ndarray]], target: str | None) -> list:
+def run_side(xml: str, weights: list[mapped.FileBytes], runs: list, target: str | None, modes: tuple) -> list:
     """In a worker process: read the cut-out model, lower it to `target` (the replacement), feed it its
     mapped weights, compile it f32 on CPU and run each feed list; returns every run's outputs.
 
-    The weights are Parameters of a dynamic shape first (the plugin then holds no copy of them); some CPU
-    kernels refuse weights that are not constants (GatherMatmul, FullyConnected biases of unknown size), so
-    on an error the same runs are tried with static shapes, then with Constants over the mapped bytes."""
+    `modes`, tried in order until one runs: the weights as Parameters of a dynamic shape ("dynamic": the
+    plugin holds no copy of them), of their static shape ("static"), or as Constants over the mapped bytes
+    ("constant": the plugin's compressed kernels, which refuse weights that are not constants)."""
     errors = []
-    for mode in ("dynamic", "static", "constant"):
+    for mode in modes:
         try:
             return _run_side(xml, weights, runs, target, mode)
         except RuntimeError as error:
@@ -417,21 +418,27 @@ def _per_expert_parameters(model: ov.Model, feeds: dict[str, mapped.FileBytes]) 
 
 # The proof's two sides run in their own processes, at the same time (one compiles while the other runs).
 _WORKERS = (isolate.Worker(), isolate.Worker())
-# The replacement runs as FusedExperts lowered to one GEMM per expert: native ops reading the same stored
-# weights as the original (FusedExperts itself, a Python op, would need every expert in f32). That the
-# lowering computes FusedExperts is tested on its own (tests/test_lower.py, tests/test_op_contract.py).
-PROOF_LOWERING = "per-expert"
+# The replacement runs as FusedExperts lowered to native ops that read the same stored weights as the
+# original (FusedExperts itself, a Python op, would need every expert in f32); that each lowering computes
+# FusedExperts is tested on its own (tests/test_lower.py, tests/test_op_contract.py). Float weights: one GEMM
+# per expert, each expert's weight a Parameter converted where it is used. Integer-compressed weights: the
+# plugin's compressed kernels on Constants over the mapped bytes (decompressing them op by op instead keeps
+# every expert's f32 copy alive at once: 3.1 GB for a 0.73 GB int4 Mixtral layer, 1.0 GB this way).
+PLAIN = ("per-expert", ("dynamic", "static", "constant"))
+COMPRESSED = ("cpu", ("constant", "dynamic", "static"))
 
 
 def _run_sides(block: MoEBlock, sides: Cut, runs: dict[str, list]) -> tuple[list, list]:
+    compressed = any(isinstance(part, Compressed) for w in block.weights.values() for part in w.parts)
+    target, modes = COMPRESSED if compressed else PLAIN
     with tempfile.TemporaryDirectory(prefix="moe-fusion-proof-") as folder:
         locator = mapped.Locator(Path(folder))
-        jobs = (("original", sides.original, None), ("replacement", sides.replacement, PROOF_LOWERING))
-        for worker, (name, model, target) in zip(_WORKERS, jobs, strict=True):
+        jobs = (("original", sides.original, None), ("replacement", sides.replacement, target))
+        for worker, (name, model, lowering) in zip(_WORKERS, jobs, strict=True):
             weights = mapped.parameterize(model, locator)
             xml = str(Path(folder) / f"{name}.xml")
             ov.save_model(model, xml, compress_to_fp16=False)
-            worker.send(run_side, xml, weights, list(runs.values()), target)
+            worker.send(run_side, xml, weights, list(runs.values()), lowering, modes)
         replies = []
         for worker in _WORKERS:  # collect both, even when the first failed
             try:
