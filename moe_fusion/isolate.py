@@ -4,9 +4,10 @@ in the CPU plugin on a block whose scatter indices fall out of range) costs one 
 `Worker.call(fn, *args)` runs a module-level function in a long-lived child started with this Python
 (`python -c ...`, not multiprocessing's spawn, which would re-run the caller's main script)
 and returns its result. The child sees the caller's sys.path. A Python exception in the child comes back as
-`WorkerError` with its one useful line; the child's death (a signal, an exit) as `WorkerCrash` naming the
-signal and the child's last words on stderr, and the next call starts a fresh child. Memory the child took
-for one job is returned to the system when it dies; `stop()` ends it deliberately.
+itself when it pickles (else `WorkerError` with its one useful line); the child's death (a signal, an exit)
+as `WorkerCrash` naming the signal and the child's last words on stderr, and the next call starts a fresh
+child. `run_isolated(fn, *args)` is one call in a child of its own, whose memory goes back to the system
+when it ends.
 """
 
 from __future__ import annotations
@@ -27,16 +28,24 @@ class WorkerError(RuntimeError):
 
 
 class WorkerCrash(RuntimeError):
-    """The worker process died while running the function (a native crash, an abort, out of memory)."""
+    """The worker process died while running the function (a native crash, an abort, out of memory):
+    the message reads "killed by SIGSEGV" (or "ended with exit 1"); `signal` is the signal's name."""
+
+    def __init__(self, message: str, signal_name: str) -> None:
+        super().__init__(message)
+        self.signal = signal_name
+
+
+IsolatedError = WorkerCrash
 
 
 def _describe(code: int | None) -> str:
     if code is not None and code < 0:
         try:
-            return f"signal {signal.Signals(-code).name}"
+            return signal.Signals(-code).name
         except ValueError:
             return f"signal {-code}"
-    return f"exit code {code}"
+    return f"exit {code}"
 
 
 class Worker:
@@ -78,12 +87,14 @@ class Worker:
         try:
             ok, value = self._conn.recv()
         except (EOFError, OSError) as error:
-            code = self._process.wait()
+            name = _describe(self._process.wait())
             words = self._last_words()
             self._close()
-            raise WorkerCrash(f"the OpenVINO worker process died ({_describe(code)}){words}") from error
+            hint = " (out of memory?)" if name == "SIGKILL" else ""
+            how = f"killed by {name}{hint}" if name.startswith("SIG") else f"ended with {name}"
+            raise WorkerCrash(f"{how}{words}", name) from error
         if not ok:
-            raise WorkerError(value)
+            raise value
         return value
 
     def _last_words(self) -> str:
@@ -99,16 +110,31 @@ class Worker:
         self._process = self._conn = self._stderr = None
 
     def stop(self) -> None:
+        """End the worker (the next call starts a new one)."""
         if self._process is not None:
             self._process.kill()
             self._process.wait()
             self._close()
 
 
-def _one_line(error: BaseException) -> str:
+def run_isolated(fn, *args):
+    """`fn(*args)` in a child process of its own: its result, its exception, or `WorkerCrash`."""
+    worker = Worker()
+    try:
+        return worker.call(fn, *args)
+    finally:
+        worker.stop()
+
+
+def _sendable(error: Exception) -> Exception:
+    """The exception itself when it survives pickling, else its one useful line as a WorkerError."""
     from moe_fusion.io import first_line
 
-    return first_line(error)
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:
+        return WorkerError(first_line(error))
 
 
 def serve(fd: int) -> None:
@@ -122,7 +148,7 @@ def serve(fd: int) -> None:
         try:
             reply = (True, fn(*args))
         except Exception as error:  # reported to the caller, which declines with it
-            reply = (False, _one_line(error))
+            reply = (False, _sendable(error))
         try:
             conn.send(reply)
         except (pickle.PicklingError, TypeError) as error:
