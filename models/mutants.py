@@ -862,7 +862,8 @@ def _against_reference(mutant: Mutant, tokens: int = 16) -> str:
     transformations) beside its FusedExperts on CPU: '' when they agree, else why not. Independent of the
     CPU plugin, which compiles some mutants as if unmutated (it ignores a tiled block's Tile repeats).
     Off by default: `Model.evaluate` crashes the process (SIGSEGV) on some mutants that the CPU runs."""
-    from moe_fusion.prove import _shape, submodels
+    from moe_fusion.check import token_shape
+    from moe_fusion.prove import cut
     from moe_fusion.rewrite import build
 
     model = mutant.model.clone()
@@ -871,13 +872,14 @@ def _against_reference(mutant: Mutant, tokens: int = 16) -> str:
     if block is None:
         return ""
     try:
-        fused, replacement = build(block)
-        original, rewritten = submodels(block, fused, replacement)
+        _fused, replacement = build(block)
+        sides = cut(block, replacement, forced=False)
+        original, rewritten = sides.original, sides.replacement
     except (ValueError, RuntimeError):
         return ""
     rng = np.random.default_rng(0)
     feeds = [
-        rng.standard_normal(_shape(p.get_partial_shape(), tokens)).astype(p.get_element_type().to_dtype())
+        rng.standard_normal(token_shape(p.get_partial_shape(), tokens)).astype(p.get_element_type().to_dtype())
         for p in original.get_parameters()
     ]
     outputs = ov.TensorVector([ov.Tensor(o.get_element_type(), ov.Shape([0])) for o in original.outputs])

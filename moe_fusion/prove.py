@@ -4,16 +4,22 @@ The cut runs from the experts' input (`block.hidden`) to `block.output`. Values 
 that it reads only through ShapeOf (exporters build shapes from neighbouring tensors) become extra
 inputs fed with arrays of the hidden input's shape; any other outside dependency refuses the proof.
 
-Inputs are chosen to be hard, each case compared on its own scale:
-  - 1 random token; 3 tokens [zero row, a row, the same row again] (a zero row ties every router score
+Both sides run natively on CPU (f32 activations), each in a worker process (`moe_fusion.isolate`: a crash
+of OpenVINO declines the block, not the caller), on the weights as stored: large constants become inputs
+fed with the bytes of the file they live in (`moe_fusion.mapped`), never an f32 copy of all experts. The
+replacement is FusedExperts lowered to native ops (see PLAIN/COMPRESSED below; docs/checking.md argues why
+that proves FusedExperts itself).
+
+Inputs are chosen to be hard, each case compared on its own rows and scale:
+  - 1 random token, run alone (the decode shape);
+  - then one batch: 3 tokens [zero row, a row, the same row again] (a zero row ties every router score
     without a bias: both sides must share the router's tie-break; duplicated rows hit one expert twice);
-  - 64 tokens steered from a pool of candidates (random rows and the router's own weight rows) so the
-    router selects every expert it can reach, with duplicated rows;
-  - when the block clamps (expert_alpha > 0): rows scaled until the gate/up pre-activations pass the
-    clamp limit several times over; for f16/bf16 hidden states, rows at the type's extremes;
-  - forced routing: routing weights and expert indices as inputs of the cut, so every expert runs in
-    every top-k slot even when the router never picks it (skipped, with a note, when the block reads
-    its router other than through those two values).
+    rows steered to every expert (each expert's router row, a sharper copy, 64 random rows); when the
+    block clamps (expert_alpha > 0), rows past the clamp limit several times over; for f16/bf16 hidden
+    states, rows at the type's extremes; forced routing: the routing weights and expert indices pass
+    through a Select per element, so on these rows every expert runs in every top-k slot even when the
+    router never picks it (skipped, with a note, when the block reads its router other than through
+    those two values).
 `experts_covered` counts the experts that ran and were compared (by the router or forced),
 `experts_routed` those the block's own router selected.
 """
@@ -39,14 +45,12 @@ from moe_fusion.io import first_line as _first_line
 # over K); measured differences are ~1e-6 of the output's scale. 1e-4 leaves room for long reductions
 # at real hidden sizes while any wrong expert, weight, lane or routing shows at 1e-1 or more.
 RTOL = 1e-4
-TOKEN_COUNTS = (1, 3, 64)
 MAX_BLOCK_NODES = 200_000
 
 
 # Output rounding of the block's own type adds up to half an ulp on each side.
 TYPE_RTOL = {"f32": RTOL, "f16": 2.0**-9, "bf16": 2.0**-6}
 STEERED_TOKENS = 64
-POOL_TOKENS = 512
 
 
 @dataclass
