@@ -73,11 +73,12 @@ def fuse_command(input_path, output, report_path, patterns, no_verify, force, in
         raise InputError(f"{output}: OUTPUT for a model file must be an IR .xml path")
     check_output(input_path, output, force=force, in_place=in_place)
     model = load(input_path)
-    # a bar on a terminal only: piped or logged, click would print its label after the table
+    # a bar (and the proof's cost up front) on a terminal only: piped or logged, click would print its label
+    # after the table
     with click.progressbar(length=1, label="fusing", file=sys.stderr if sys.stderr.isatty() else io.StringIO()) as bar:
 
         def progress(done: int, total: int) -> None:
-            if done == 0 and total and not no_verify:
+            if done == 0 and total and not no_verify and sys.stderr.isatty():
                 click.echo(
                     f"proving {total} MoE block{'s' * (total != 1)} before rewriting: each runs beside its "
                     "replacement in two worker processes, on weights mapped from the model's files (memory: "
