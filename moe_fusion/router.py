@@ -25,6 +25,9 @@ def describe(routing_weights: ov.Output, topk_indices: ov.Output, weights_on_inp
         return "softmax -> top-k -> renormalise"
     if kind == "Softmax":
         return "top-k on logits -> softmax over k"
+    biased = strip(selector.input_value(0)).get_node()
+    if scores == "Add" and any(strip(v).get_node().get_type_name() == "Softmax" for v in biased.input_values()):
+        return "softmax + bias -> top-k" + (" -> renormalise" if kind == "Divide" else "")  # ERNIE-4.5-MoE
     if scores in ("Add", "Sigmoid") or kind == "Multiply":
         return "sigmoid + bias -> group top-k -> scaled"
     return f"{scores} -> top-k"
