@@ -58,7 +58,7 @@ def _one_hot_above(value: ov.Output, depth: int = 8) -> ov.Node | None:
         node = value.get_node()
         if node.get_type_name() == "OneHot":
             return node
-        if node.get_type_name() not in _PLUMBING + ("NonZero", "Gather"):
+        if node.get_type_name() not in (*_PLUMBING, "NonZero", "Gather"):
             return None
         value = node.input_value(0)
     return None

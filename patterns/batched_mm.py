@@ -192,14 +192,19 @@ def _check_tokens(values: dict, router) -> None:
 def explain(model, router) -> object:
     """How far this pattern gets from `router` (for `moe-fusion inspect --explain`): the indices flattened and
     clamped, the stacked gate_up weights gathered by them, the batched MatMul, split, activation, down
-    projection, routing weight and the sum over the K slots."""
-    from moe_fusion.explain import Walk, indices_port
+    projection on gathered weights, routing weight and the sum over the K slots."""
+    from moe_fusion.explain import Walk, consumers, indices_port, is_swish
+
+    def feeds_split(gather) -> bool:
+        return any(n.get_type_name() in ("Split", "VariadicSplit") for m in consumers(gather) for n in consumers(m))
 
     walk = Walk(FAMILY, router)
     walk.down("Clamp", "expert ids clamped to [0, E-1]", port=indices_port(router))
-    walk.down("Gather", "stacked expert weights gathered per slot").down("MatMul", "batched MatMul per slot")
-    walk.down(("Split", "VariadicSplit"), "gate_up split into gate and up")
-    walk.down(("Swish", "Multiply"), "activation of the gate").down("Multiply", "activation times up")
-    walk.down("MatMul", "down projection on gathered weights").down("Multiply", "times the routing weight")
-    walk.down(("Select", "Reshape"), "invalid slots zeroed, slots grouped [T, K, H]")
+    walk.down("Gather", "stacked gate_up weights gathered per slot", when=feeds_split)
+    walk.down("MatMul", "batched MatMul per slot").down(("Split", "VariadicSplit"), "gate_up split into gate and up")
+    walk.down(("Swish", "Multiply"), "activation of the gate", when=is_swish)
+    walk.down("Multiply", "activation times up").down("MatMul", "down projection on gathered weights")
+    walk.down("Multiply", "times the routing weight").down(("Select", "ReduceSum"), "slots of ids >= E zeroed")
+    if walk.ok and walk.at.get_type_name() == "Select":
+        walk.down("ReduceSum", "sum over the K slots")
     return walk.trace
