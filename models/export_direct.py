@@ -5,8 +5,8 @@ architectures optimum-intel refuses (DeepSeek-V3, GLM-4-MoE, ERNIE-4.5-MoE, Huny
     python models/export_direct.py --out models/fixtures [names...]
     python models/export_direct.py --list
 
-Needs transformers 5.5.4, torch 2.13 and openvino 2026.4.1 (see models/README.md). It follows the recipe in
-docs/converting.md:
+Needs transformers 5.5.4, torch 2.13, openvino 2026.4.1 and moe-fusion itself (see models/README.md). It
+converts with `moe_fusion.convert.convert_model`, the recipe of docs/converting.md:
 
 1. `model.set_experts_implementation("batched_mm")`: transformers 5's default `grouped_mm` does not convert
    (`aten::histc`), and `eager` loops over the experts the example input hit, so the IR keeps only those.
@@ -28,7 +28,6 @@ as fixtures for moe-fusion's broken-export report; for them the script shows how
 from __future__ import annotations
 
 import argparse
-import contextlib
 import re
 import shutil
 import sys
@@ -40,7 +39,8 @@ import numpy as np
 import openvino as ov
 import torch
 import transformers
-from transformers import masking_utils
+
+from moe_fusion.convert import conversion_fixes, convert_model
 
 C = transformers
 BASE = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -85,56 +85,15 @@ SPECS = {
         **BASE, head_dim=16, intermediate_size=I, num_experts=8, num_local_experts=8, moe_topk=2)),
     "olmoe": Spec(lambda: C.OlmoeConfig(  # softmax -> top-k, not renormalised
         **BASE, num_experts_per_tok=2, intermediate_size=I, num_experts=8, norm_topk_prob=False)),
+    "gptoss": Spec(lambda: C.GptOssConfig(  # GEMM2: interleaved gate_up with biases, clamped SwiGLU
+        **{**BASE, "max_position_embeddings": 131072}, num_experts_per_tok=2, head_dim=16, intermediate_size=I,
+        num_local_experts=8, sliding_window=32)),
     "eager-mixtral": Spec(mixtral, experts="eager", broken=EAGER, trace_tokens=2),
     "eager-deepseekv3": Spec(deepseek_v3, experts="eager", broken=EAGER, trace_tokens=2),
     "granitemoeshared": Spec(lambda: C.GraniteMoeSharedConfig(
         **BASE, num_experts_per_tok=2, intermediate_size=I, num_local_experts=8, shared_intermediate_size=DENSE),
         broken="split sizes per expert frozen at trace time (.tolist())"),
 }
-
-
-# ---------------------------------------------------------------- the two mask fixes
-def traceable_sdpa_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0,
-                        mask_function=masking_utils.causal_mask_function, attention_mask=None, **_):
-    """transformers' sdpa_mask minus what does not trace: under torch.jit.trace `q_length` is a tensor, which
-    sdpa_mask takes for a deprecated `cache_position`; and vmap, which it uses for custom mask functions.
-    Index-based mask functions broadcast over arange tensors instead. Returns a boolean [B, 1, Q, KV] mask."""
-    padding = masking_utils.prepare_padding_mask(attention_mask, kv_length, kv_offset)
-    if padding is not None:
-        mask_function = masking_utils.and_masks(mask_function, masking_utils.padding_mask_function(padding))
-    b = torch.arange(batch_size)[:, None, None, None]
-    h = torch.arange(1)[None, :, None, None]
-    q = (torch.arange(q_length) + q_offset)[None, None, :, None]
-    kv = (torch.arange(kv_length) + kv_offset)[None, None, None, :]
-    mask = mask_function(b, h, q, kv).expand(batch_size, -1, q_length, kv_length)
-    # A query that may attend to nothing (a left-padding position) attends everywhere instead: OpenVINO's
-    # SDPA returns NaN for such rows (torch >= 2.5 returns 0), and the NaN reaches real tokens through V.
-    return mask | torch.all(~mask, dim=-1, keepdim=True)
-
-
-def traceable_eager_mask(*args, dtype=torch.float32, **kwargs):
-    """The eager-attention variant: 0 where attended, the dtype's minimum elsewhere."""
-    mask = traceable_sdpa_mask(*args, **kwargs)
-    return torch.where(mask, torch.tensor(0.0, dtype=dtype), torch.tensor(torch.finfo(dtype).min, dtype=dtype))
-
-
-@contextlib.contextmanager
-def conversion_fixes(mask: bool = True, packed: bool = True):
-    """The two non-MoE fixes, undone on exit."""
-    interface = masking_utils.ALL_MASK_ATTENTION_FUNCTIONS
-    saved = {k: interface[k] for k in ("sdpa", "eager")}
-    saved_packed = masking_utils.find_packed_sequence_indices
-    try:
-        if mask:
-            interface.register("sdpa", traceable_sdpa_mask)
-            interface.register("eager", traceable_eager_mask)
-        if packed:  # one sequence per batch row: no packed-sequence mask (what it returns outside a trace)
-            masking_utils.find_packed_sequence_indices = lambda position_ids: None
-        yield
-    finally:
-        for k, f in saved.items():
-            interface.register(k, f)
-        masking_utils.find_packed_sequence_indices = saved_packed
 
 
 # ---------------------------------------------------------------- model building and conversion
@@ -161,30 +120,7 @@ def build(spec: Spec):
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(spec.config(), dtype=torch.float32).eval()
     realistic_init(model)
-    if hasattr(model, "set_experts_implementation"):
-        model.set_experts_implementation(spec.experts)
     return model
-
-
-class Logits(torch.nn.Module):
-    """What is converted: token ids and padding mask in, logits out, no cache."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask):
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-
-
-def convert(model, tokens: int = 8, **fixes) -> ov.Model:
-    ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(1))
-    example = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    with torch.no_grad(), conversion_fixes(**fixes):
-        ovm = ov.convert_model(Logits(model), example_input=example,
-                               input=[("input_ids", [-1, -1], ov.Type.i64), ("attention_mask", [-1, -1], ov.Type.i64)])
-    ovm.outputs[0].get_tensor().set_names({"logits"})
-    return ovm
 
 
 def compare(model, ovm: ov.Model) -> float:
@@ -207,7 +143,7 @@ def compare(model, ovm: ov.Model) -> float:
 def export(name: str, out_root: Path) -> Path:
     spec = SPECS[name]
     model = build(spec)
-    ovm = convert(model, spec.trace_tokens)
+    ovm = convert_model(model, experts=spec.experts, tokens=spec.trace_tokens)
     if spec.broken:
         try:
             print(f"  {name}: broken on purpose ({spec.broken}); max |dlogit| = {compare(model, ovm):.3g}")
@@ -230,12 +166,13 @@ def export(name: str, out_root: Path) -> Path:
 def verify_fixes() -> None:
     """Convert Mixtral without each fix and show the error, then with both."""
     model = build(SPECS["mixtral"])
+    model.set_experts_implementation("batched_mm")
     for label, fixes in (("no mask fix", {"mask": False}), ("no packed-sequence fix", {"packed": False}),
                          ("both fixes", {})):
         for attention_mask in (True, False):
             try:
                 if attention_mask:
-                    convert(model, **fixes)
+                    convert_model(model, **fixes)
                 else:  # a user tracing input_ids alone: masks are built from position ids
                     ids = torch.randint(0, 256, (1, 8))
                     with torch.no_grad(), conversion_fixes(**fixes):

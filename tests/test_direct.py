@@ -157,3 +157,16 @@ def test_eager_ir_really_is_broken():
     ids = np.arange(1, dtype=np.int64).reshape(1, 1)  # one token hits 2 experts per layer, not 4
     with pytest.raises(RuntimeError, match="num_splits"):
         compiled({"input_ids": ids, "attention_mask": np.ones_like(ids)})
+
+
+def test_convert_helper_stays_out_of_the_base_install():
+    """moe_fusion never imports torch; without it, moe_fusion.convert says which extra to install."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    code = "import moe_fusion, moe_fusion.fuse, moe_fusion.cli, sys; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+    if importlib.util.find_spec("torch") is None:
+        with pytest.raises(ImportError, match=r"moe-fusion\[convert\]"):
+            import moe_fusion.convert  # noqa: F401
