@@ -170,3 +170,17 @@ def test_convert_helper_stays_out_of_the_base_install():
     if importlib.util.find_spec("torch") is None:
         with pytest.raises(ImportError, match=r"moe-fusion\[convert\]"):
             import moe_fusion.convert  # noqa: F401
+
+
+def test_benchmark_builder_is_the_batched_mm_form():
+    """models/bench_models.batched_mm_layer (benchmarks/direct.py) computes the layer and fuses as this form."""
+    from models.bench_models import SHAPES, batched_mm_layer, layer_weights, reference_output
+
+    weights = layer_weights(SHAPES["small"])
+    model = batched_mm_layer(weights)
+    x = np.random.default_rng(0).standard_normal((1, 5, SHAPES["small"].hidden)).astype(np.float32)
+    got = moe_fusion.core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(x)[0]
+    want = reference_output(weights, x)
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()  # f32 sums reordered: ~1e-7 relative
+    report = fuse(model)
+    assert [(b.family, b.status) for b in report.blocks] == [("batched_mm", "fused")]
