@@ -27,6 +27,7 @@ import openvino as ov
 from moe_fusion.block import Decline, MoEBlock, Weight, blocks_or_declines
 from moe_fusion.compressed import is_plain
 from moe_fusion.pattern import any_input, const, either, matches, op, reshaped, same, strip, swish, swish_beta, weight
+from moe_fusion.reference import GEMM2_BIAS_SWIGLU_CLAMP
 
 FAMILY = "batched_mm"
 
@@ -41,24 +42,56 @@ def _bmm(w, x, name: str):
     return either(op("MatMul", w, x, name=name), op("MatMul", x, w, name=name))
 
 
-@functools.cache  # built once: patterns are reusable, and every WrapType costs memory
-def batched_block():
-    ids = reshaped(op("Clamp", reshaped(any_input("topk_indices")), name="clamp"))
-    tokens = reshaped(op("Gather", reshaped(any_input("hidden")), reshaped(any_input("token_index")),
-                         const("token_axis"), name="gather_tokens"))
-    gate_up = reshaped(_bmm(_gathered("gate_up", ids), tokens, "gate_up_matmul"))
-    split = op(("Split", "VariadicSplit"), gate_up, const("split_axis"), name="split")
-    split_lengths = op("VariadicSplit", gate_up, const("split_axis"), any_input(), name="split")
-    halves = either(split, split_lengths)
-    product = op("Multiply", swish(halves), any_input("up"), name="product")
-    down = reshaped(_bmm(_gathered("down", ids), reshaped(product), "down_matmul"))
+def _ids():
+    return reshaped(op("Clamp", reshaped(any_input("topk_indices")), name="clamp"))
+
+
+def _tokens():
+    return reshaped(op("Gather", reshaped(any_input("hidden")), reshaped(any_input("token_index")),
+                       const("token_axis"), name="gather_tokens"))
+
+
+def _summed(down):
+    """`(y * w).masked_fill(ids >= E, 0).view(T, K, H).sum(1)`, rooted at the ReduceSum."""
     weighted = op("Multiply", down, reshaped(any_input("routing_weights")), name="weighted")
     masked = either(op("Select", any_input("invalid"), const("fill"), weighted, name="select"), weighted)
     return op("ReduceSum", reshaped(masked), const("sum_axis"), name="sum")
 
 
+@functools.cache  # built once: patterns are reusable, and every WrapType costs memory
+def batched_block():
+    """GEMM3: `gate, up = bmm(gate_up[ids], x).chunk(2)`, `bmm(down[ids], act(gate) * up)`."""
+    ids = _ids()
+    gate_up = reshaped(_bmm(_gathered("gate_up", ids), _tokens(), "gate_up_matmul"))
+    split = op(("Split", "VariadicSplit"), gate_up, const("split_axis"), name="split")
+    split_lengths = op("VariadicSplit", gate_up, const("split_axis"), any_input(), name="split")
+    product = op("Multiply", swish(either(split, split_lengths)), any_input("up"), name="product")
+    return _summed(reshaped(_bmm(_gathered("down", ids), reshaped(product), "down_matmul")))
+
+
+def _lane(gate_up, name: str):
+    """`gate_up[..., start::2]`: a Slice with or without its axes input."""
+    return either(op("Slice", gate_up, const(), const(), const(), const(), name=name),
+                  op("Slice", gate_up, const(), const(), const(), name=name))
+
+
+@functools.cache
+def gemm2_block():
+    """GEMM2 (GPT-OSS): biased gate_up with interleaved lanes, gate clamped above, up clamped and + 1,
+    `gate * sigmoid(beta * gate)`, biased down; the biases gathered per slot like the weights."""
+    ids = _ids()
+    gate_up = op("Add", reshaped(_bmm(_gathered("gate_up", ids), _tokens(), "gate_up_matmul")),
+                 reshaped(_gathered("gate_up_bias", ids)), name="gate_up_add")
+    gate = op("Minimum", _lane(gate_up, "gate_slice"), const("gate_limit"), name="gate_min")
+    up = op("Add", op("Clamp", _lane(gate_up, "up_slice"), name="up_clamp"), const("up_offset"))
+    glu = either(op("Swish", gate, const("swish_beta"), name="swish"), op("Swish", gate, name="swish"))
+    down = reshaped(_bmm(_gathered("down", ids), reshaped(op("Multiply", up, glu)), "down_matmul"))
+    return _summed(op("Add", down, reshaped(_gathered("down_bias", ids)), name="down_add"))
+
+
 def find(model):
-    return blocks_or_declines(matches(model, batched_block(), "ReduceSum"), _block)
+    yield from blocks_or_declines(matches(model, batched_block(), "ReduceSum"), _block)
+    yield from blocks_or_declines(matches(model, gemm2_block(), "ReduceSum"), _gemm2)
 
 
 def _scalar(value: ov.Output) -> float | None:
@@ -95,7 +128,10 @@ def _stacked(values: dict, name: str, router) -> tuple[np.ndarray, ov.Type | Non
     return (np.swapaxes(data, -1, -2) if out_in else data), convert_to, weight_first
 
 
-def _block(values: dict) -> MoEBlock:
+def _routing(values: dict) -> tuple[ov.Node, ov.Output, int]:
+    """The router TopK, its indices and E, after checking what both forms share: the id Clamp and the
+    masked_fill are identities on ids of a TopK over E scores (0 <= id < E), slot s reads token s // K, and
+    the sum is over the K slots."""
     indices = strip(values["topk_indices"])
     router = indices.get_node()
     if router.get_type_name() != "TopK" or indices.get_index() != 1:
@@ -106,15 +142,20 @@ def _block(values: dict) -> MoEBlock:
     num_experts = width[-1].get_length()
     if router.get_attributes()["axis"] not in (-1, 1):
         raise Decline("the router's TopK does not select along the expert axis", router, router)
-
-    # The Clamp and the masked_fill are identities on ids of a TopK over E scores (0 <= id < E).
     clamp = values["clamp"].get_node().get_attributes()
     if clamp["min"] > 0 or clamp["max"] < num_experts - 1:
         raise Decline(f"expert ids clamped to [{clamp['min']:g}, {clamp['max']:g}], which remaps some of the "
                       f"{num_experts} experts", values["clamp"].get_node(), router)
     if "select" in values:
         _check_mask(values, indices, num_experts, router)
+    _check_tokens(values, router)
+    if _scalar(values["sum_axis"]) not in (1.0, -2.0):
+        raise Decline("the sum is not over the top-k slots", values["sum"].get_node(), router)
+    return router, indices, num_experts
 
+
+def _matrices(values: dict, num_experts: int, router) -> tuple:
+    """gate_up and down `[E, in, out]` with their decompression Convert types."""
     gate_up, gate_up_convert, weight_first = _stacked(values, "gate_up", router)
     down, down_convert, down_first = _stacked(values, "down", router)
     if weight_first != down_first:
@@ -122,24 +163,81 @@ def _block(values: dict) -> MoEBlock:
     if gate_up.shape[0] != num_experts or down.shape[0] != num_experts:
         raise Decline(f"stacked weights hold {gate_up.shape[0]} and {down.shape[0]} experts, the router "
                       f"{num_experts}", values["gate_up_gather"].get_node(), router)
-    gate, up = _halves(values, gate_up, router)
-    _check_tokens(values, router)
-    total = values["sum"]
-    if _scalar(values["sum_axis"]) not in (1.0, -2.0):
-        raise Decline("the sum is not over the top-k slots", total.get_node(), router)
+    return gate_up, gate_up_convert, down, down_convert
+
+
+def _new_block(values: dict, router, indices, num_experts: int, weights: dict, **attributes) -> MoEBlock:
     return MoEBlock(
         family=FAMILY,
         router=router,
         hidden=strip(values["hidden"]),
         routing_weights=strip(values["routing_weights"]),
         topk_indices=indices,
-        output=total,
+        output=values["sum"],
         num_experts=num_experts,
         expert_ids=list(range(num_experts)),
-        weights={"w_gate": Weight([gate], gate_up_convert), "w_up": Weight([up], gate_up_convert),
-                 "w_down": Weight([down], down_convert)},
-        expert_beta=swish_beta(values),
+        weights=weights,
+        **attributes,
     )
+
+
+def _block(values: dict) -> MoEBlock:
+    router, indices, num_experts = _routing(values)
+    gate_up, gate_up_convert, down, down_convert = _matrices(values, num_experts, router)
+    gate, up = _halves(values, gate_up, router)
+    weights = {"w_gate": Weight([gate], gate_up_convert), "w_up": Weight([up], gate_up_convert),
+               "w_down": Weight([down], down_convert)}
+    return _new_block(values, router, indices, num_experts, weights, expert_beta=swish_beta(values))
+
+
+def _gemm2(values: dict) -> MoEBlock:
+    router, indices, num_experts = _routing(values)
+    gate_up, gate_up_convert, down, down_convert = _matrices(values, num_experts, router)
+    width = gate_up.shape[-1]
+    starts = {}
+    for lane in ("gate_slice", "up_slice"):
+        node = values[lane].get_node()
+        start, stop, step = (_scalar(node.input_value(i)) for i in (1, 2, 3))
+        axis = _scalar(node.input_value(4)) if node.get_input_size() > 4 else None
+        if axis not in (-1.0, 1.0) or step != 2 or start not in (0.0, 1.0) or stop is None or stop < width:
+            raise Decline(f"{lane.split('_')[0]} lane is not gate_up[..., 0::2] or [..., 1::2]", node, router)
+        if not same(node.input_value(0), values["gate_up_add"]):
+            raise Decline("gate and up lanes are not slices of the one biased gate_up", node, router)
+        starts[lane] = int(start)
+    if starts["gate_slice"] == starts["up_slice"]:
+        raise Decline("gate and up lanes overlap", values["up_slice"].get_node(), router)
+    limit, offset = _scalar(values["gate_limit"]), _scalar(values["up_offset"])
+    clamp = values["up_clamp"].get_node().get_attributes()
+    if limit is None or not 0 < limit < np.inf or np.float32(clamp["max"]) != np.float32(limit) or \
+            np.float32(clamp["min"]) != -np.float32(limit) or offset != 1.0:
+        raise Decline(f"gate clamp {limit}, up clamp [{clamp['min']:g}, {clamp['max']:g}] + {offset} is not "
+                      "GPT-OSS's clamp(max=limit), clamp(-limit, limit) + 1", values["up_clamp"].get_node(), router)
+    beta = _scalar(values["swish_beta"]) if "swish_beta" in values else 1.0
+    if beta is None:
+        raise Decline("the Swish beta is not a constant", values["swish"].get_node(), router)
+    biases = {}
+    for name, size in (("gate_up_bias", width), ("down_bias", down.shape[-1])):
+        bias, convert_to, _ = _stacked_bias(values, name, router)
+        if bias.shape != (num_experts, size):
+            raise Decline(f"{name} {list(bias.shape)} is not [{num_experts}, {size}]", router, router)
+        biases[name] = Weight([bias], convert_to)
+    weights = {"w_gate_up": Weight([gate_up], gate_up_convert), "b_gate_up": biases["gate_up_bias"],
+               "w_down": Weight([down], down_convert), "b_down": biases["down_bias"]}
+    return _new_block(values, router, indices, num_experts, weights, expert_type=GEMM2_BIAS_SWIGLU_CLAMP,
+                      expert_alpha=float(limit), expert_beta=float(beta), gate_idx=starts["gate_slice"])
+
+
+def _stacked_bias(values: dict, name: str, router) -> tuple[np.ndarray, ov.Type | None, None]:
+    gather = values[name + "_gather"].get_node()
+    if _scalar(values[name + "_axis"]) != 0:
+        raise Decline(f"{name} is not gathered along the expert axis", gather, router)
+    source = gather.input_value(0)
+    convert_to = None
+    if source.get_node().get_type_name() == "Convert":
+        convert_to, source = source.get_element_type(), source.get_node().input_value(0)
+    if source.get_node().get_type_name() != "Constant":
+        raise Decline(f"{name} is not a constant", gather, router)
+    return np.asarray(source.get_node().get_data()), convert_to, None
 
 
 def _halves(values: dict, gate_up: np.ndarray, router) -> tuple[np.ndarray, np.ndarray]:
@@ -191,19 +289,32 @@ def _check_tokens(values: dict, router) -> None:
 
 def explain(model, router) -> object:
     """How far this pattern gets from `router` (for `moe-fusion inspect --explain`): the indices flattened and
-    clamped, the stacked gate_up weights gathered by them, the batched MatMul, split, activation, down
-    projection on gathered weights, routing weight and the sum over the K slots."""
-    from moe_fusion.explain import Walk, consumers, indices_port, is_swish
+    clamped, the stacked gate_up weights gathered by them, the batched MatMul on the gathered tokens, the split
+    (GEMM3) or biased interleaved lanes (GEMM2), activation, down projection on gathered weights, routing weight
+    and the sum over the K slots."""
+    from moe_fusion.explain import Walk, consumers, indices_port, is_swish, producers
 
-    def feeds_split(gather) -> bool:
-        return any(n.get_type_name() in ("Split", "VariadicSplit") for m in consumers(gather) for n in consumers(m))
+    def reads_tokens(gather) -> bool:  # the gate_up Gather: its MatMul's other operand is the gathered tokens
+        return any(p.get_type_name() == "Gather" and p != gather
+                   for m in consumers(gather) if m.get_type_name() == "MatMul" for p in producers(m))
 
     walk = Walk(FAMILY, router)
     walk.down("Clamp", "expert ids clamped to [0, E-1]", port=indices_port(router))
-    walk.down("Gather", "stacked gate_up weights gathered per slot", when=feeds_split)
-    walk.down("MatMul", "batched MatMul per slot").down(("Split", "VariadicSplit"), "gate_up split into gate and up")
-    walk.down(("Swish", "Multiply"), "activation of the gate", when=is_swish)
-    walk.down("Multiply", "activation times up").down("MatMul", "down projection on gathered weights")
+    walk.down("Gather", "stacked gate_up weights gathered per slot", when=reads_tokens)
+    walk.down("MatMul", "batched MatMul on the gathered tokens")
+    walk.down(("Split", "VariadicSplit", "Add"), "gate_up split into gate and up, or its gathered bias added")
+    gemm2 = walk.ok and walk.at.get_type_name() == "Add"
+    if gemm2:
+        walk.down("Slice", "interleaved gate lane", when=lambda n: any(c.get_type_name() == "Minimum"
+                                                                        for c in consumers(n)))
+        walk.down("Minimum", "gate clamped above")
+        walk.down("Swish", "Swish(beta) of the gate").down("Multiply", "times (clamped up + 1)")
+    else:
+        walk.down(("Swish", "Multiply"), "activation of the gate", when=is_swish)
+        walk.down("Multiply", "activation times up")
+    walk.down("MatMul", "down projection on gathered weights")
+    if gemm2:
+        walk.down("Add", "its gathered bias added")
     walk.down("Multiply", "times the routing weight").down(("Select", "ReduceSum"), "slots of ids >= E zeroed")
     if walk.ok and walk.at.get_type_name() == "Select":
         walk.down("ReduceSum", "sum over the K slots")

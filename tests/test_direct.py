@@ -31,6 +31,7 @@ BATCHED_MM = {
     "direct-ernie45moe": ("softmax + bias -> top-k -> renormalise", True),
     "direct-deepseekv3": ("sigmoid + bias -> group top-k -> scaled", True),
     "direct-glm4moe": ("sigmoid + bias -> group top-k -> scaled", True),
+    "direct-gptoss": ("top-k on logits -> softmax over k", False),  # GEMM2: biased, interleaved, clamped
 }
 # broken-export fixture -> words its report must contain
 BROKEN = {
