@@ -93,6 +93,11 @@ SPECS = {
     "granitemoeshared": Spec(lambda: C.GraniteMoeSharedConfig(
         **BASE, num_experts_per_tok=2, intermediate_size=I, num_local_experts=8, shared_intermediate_size=DENSE),
         broken="split sizes per expert frozen at trace time (.tolist())"),
+    "longcatflash": Spec(lambda: C.LongcatFlashConfig(  # 8 routed + 4 identity ("zero") experts
+        **{**BASE, "num_key_value_heads": 4}, num_layers=1, ffn_hidden_size=DENSE, expert_ffn_hidden_size=I,
+        moe_topk=2, n_routed_experts=8, zero_expert_num=4, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16,
+        qk_rope_head_dim=8, head_dim=8, v_head_dim=16, routed_scaling_factor=2.0),
+        broken="expert ids frozen at trace time (.item())", trace_tokens=2),
 }
 
 

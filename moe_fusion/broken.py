@@ -33,6 +33,11 @@ FROZEN = (
     "its experts to split by tensors (as optimum-intel does for GraniteMoE) or export with optimum-intel where "
     "it supports the architecture (docs/converting.md)"
 )
+LOOP_OVER_HIT = (
+    "the MoE code loops over the hit experts as Python numbers (.item(), .tolist(), or a skip of empty experts): "
+    "convert with transformers >= 5 and model.set_experts_implementation(\"batched_mm\") where the "
+    "architecture's experts support it, otherwise patch the loop to run every expert (docs/converting.md)"
+)
 _PLUMBING = ("Convert", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "ReduceSum", "Greater", "NotEqual")
 
 
@@ -124,7 +129,7 @@ def _constant_expert_ids(model: ov.Model) -> list[Finding]:
             kept = sorted(seen)
             found.append(Finding(node, f"the trace kept experts {kept} of {experts} (the ones the example input "
                                  f"hit): experts {missing} are missing, so tokens routed to them get nothing",
-                                 BATCHED_MM))
+                                 LOOP_OVER_HIT))
     return found
 
 

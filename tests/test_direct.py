@@ -38,6 +38,7 @@ BROKEN = {
     "direct-eager-mixtral": ("loop over experts was traced for the", "set_experts_implementation(\"batched_mm\")"),
     "direct-eager-deepseekv3": ("loop over experts was traced for the", "set_experts_implementation(\"batched_mm\")"),
     "direct-granitemoeshared": ("split with constant sizes [", "no experts switch helps"),
+    "direct-longcatflash": ("the trace kept experts [", "patch the loop to run every expert"),
 }
 
 
@@ -142,6 +143,9 @@ def test_broken_export_details():
     sizes = [f.problem for f in frozen]
     assert len(frozen) == 2 and all("(the example input's 16 routed rows)" in s for s in sizes), sizes
     assert any("experts [7] got no rows" in s for s in sizes), sizes
+    (longcat,) = broken.findings(load(FIXTURES / "direct-longcatflash"))  # .item() froze the hit experts' ids
+    assert "kept experts [1, 7, 9] of 12" in longcat.problem and "[0, 2, 3, 4, 5, 6, 8, 10, 11] are missing" in \
+        longcat.problem, longcat.problem
 
 
 @pytest.mark.parametrize("fixture", sorted(p.name for p in FIXTURES.iterdir() if p.is_dir()))
