@@ -189,3 +189,15 @@ def test_benchmark_builder_is_the_batched_mm_form():
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()  # f32 sums reordered: ~1e-7 relative
     report = fuse(model)
     assert [(b.family, b.status) for b in report.blocks] == [("batched_mm", "fused")]
+
+
+def test_gemm2_with_another_clamp_is_declined():
+    """GPT-OSS's up lane is clamp(-limit, limit): an asymmetric clamp is not what FusedExperts computes."""
+    model = load(FIXTURES / "direct-gptoss").clone()
+    for node in model.get_ordered_ops():
+        if node.get_type_name() == "Clamp" and node.get_output_partial_shape(0).rank.get_length() == 2:
+            node.output(0).replace(ops.clamp(node.input_value(0), -5.0, 7.0).output(0))  # the up lane's clamp
+    model.validate_nodes_and_infer_types()
+    report = fuse(model)
+    assert report.blocks and not report.fused
+    assert all("is not GPT-OSS's clamp" in b.reason for b in report.blocks), report.table()
