@@ -6,9 +6,11 @@ Builds one layer at a real shape (models/bench_models.py, f16 weights behind a C
 form `openvino.convert_model` traces from transformers 5 (docs/converting.md), fuses it with moe_fusion.fuse
 (the per-block proof off: at this shape it would run the unfused block on 64 tokens; outputs are compared
 here instead) and lowers it to the `cpu` (GatherMatmul) and `per-expert` targets; OpenVINO's native tiled
-form (F2) runs beside them as the reference path. Forms are timed one at a time (compile, warm-up, --runs
+form (F2) runs beside them as the reference path. The batched_mm form materialises its gathered f32 expert
+matrices: it runs the largest prefill of at most --prefill tokens that fits half of MemAvailable (the other
+forms run that one and --prefill). Forms are timed one at a time (compile, warm-up, --runs
 rounds of prefill and decode, medians, drop): the `batched_mm` prefill alone gathers K expert matrices per
-token (~75 MB per token at Qwen3-30B-A3B shape, f32), too much to keep every form compiled at once. The
+token (151 MB per token at Qwen3-30B-A3B shape in f32), too much to keep every form compiled at once. The
 load average is printed after each form. Run it under the benchmark lock.
 """
 
@@ -43,9 +45,9 @@ def gathered_bytes(shape, tokens: int) -> int:
     return tokens * shape.top_k * 3 * shape.hidden * shape.intermediate * 4
 
 
-def time_form(name: str, model, inputs: dict, runs: int, config: dict) -> dict:
+def time_form(name: str, model, inputs: dict, runs: int) -> dict:
     start = time.perf_counter()
-    compiled = core().compile_model(model, "CPU", config)
+    compiled = core().compile_model(model, "CPU", {})
     compile_s = time.perf_counter() - start
     request = compiled.create_infer_request()
     times = {phase: [] for phase in inputs}
@@ -56,14 +58,16 @@ def time_form(name: str, model, inputs: dict, runs: int, config: dict) -> dict:
             start = time.perf_counter()
             request.infer({0: x})
             times[phase].append(time.perf_counter() - start)
-    out = request.infer({0: inputs["prefill"]})[0].copy()
+    first = next(iter(inputs))
+    out = request.infer({0: inputs[first]})[0].copy()
     kernels = ", ".join(f"{k} {v}" for k, v in sorted(runtime_kernels(compiled).items())) or "-"
     row = {"form": name, "compile_s": compile_s, "kernels": kernels, "out": out,
            **{phase: 1e3 * statistics.median(t) for phase, t in times.items()}}
     del request, compiled
     gc.collect()
-    print(f"  {name}: compile {compile_s:.1f} s, prefill {row['prefill']:.1f} ms, decode {row['decode']:.2f} ms "
-          f"[{kernels}]; load {os.getloadavg()[0]:.2f}, peak RSS {rss_gb()[1]:.1f} GB", flush=True)
+    timings = ", ".join(f"{phase} {row[phase]:.1f} ms" for phase in inputs)
+    print(f"  {name}: compile {compile_s:.1f} s, {timings} [{kernels}]; load {os.getloadavg()[0]:.2f}, "
+          f"peak RSS {rss_gb()[1]:.1f} GB", flush=True)
     return row
 
 
@@ -74,25 +78,24 @@ def main() -> None:
     ap.add_argument("--prefill", type=int, default=128, help="prompt tokens (capped by memory, see the log)")
     args = ap.parse_args()
     shape = SHAPES[args.layer]
-    prefill = args.prefill
-    budget = 0.6 * available_bytes()  # the gathered copies once (the plugin reuses its buffers), and room
-    while prefill > 1 and gathered_bytes(shape, prefill) > budget:
-        prefill //= 2
-    if prefill != args.prefill:
-        print(f"prefill capped at {prefill} tokens: the batched_mm form would gather "
-              f"{gathered_bytes(shape, args.prefill) / 1e9:.1f} GB for {args.prefill}")
+    fits = args.prefill
+    budget = 0.5 * available_bytes()  # the gathered f32 copies (the plugin materialises them), and room
+    while fits > 1 and gathered_bytes(shape, fits) > budget:
+        fits //= 2
+    if fits != args.prefill:
+        print(f"the batched_mm form would gather {gathered_bytes(shape, args.prefill) / 1e9:.1f} GB for a prefill of "
+              f"{args.prefill} ({available_bytes() / 1e9:.1f} GB available): it runs prefill {fits} only")
     cpu = platform.processor() or platform.machine()
     print(f"{shape.name} layer: H={shape.hidden} I={shape.intermediate} E={shape.experts} k={shape.top_k}, "
-          f"f16 weights, prefill {prefill}, decode {DECODE}, {args.runs} runs, CPU default precision ({cpu}; "
-          f"f32 on CPUs without bf16/AMX); batched_mm gathers {gathered_bytes(shape, 1) / 1e6:.0f} MB per token",
-          flush=True)
+          f"f16 weights, {args.runs} runs, CPU default precision ({cpu}; f32 on CPUs without bf16/AMX); "
+          f"batched_mm gathers {gathered_bytes(shape, 1) / 1e6:.0f} MB per token", flush=True)
     rng = np.random.default_rng(0)
-    inputs = {phase: rng.standard_normal((1, t, shape.hidden)).astype(np.float32)
-              for phase, t in (("prefill", prefill), ("decode", DECODE))}
+    sizes = sorted({fits, args.prefill})
+    inputs = {f"prefill {t}": rng.standard_normal((1, t, shape.hidden)).astype(np.float32) for t in sizes}
+    inputs["decode"] = rng.standard_normal((1, DECODE, shape.hidden)).astype(np.float32)
+    small = {k: v for k, v in inputs.items() if k in (f"prefill {fits}", "decode")}
     weights = layer_weights(shape, "f16")
-    rows = []
-
-    rows.append(time_form("batched_mm (direct convert_model)", batched_mm_layer(weights), inputs, args.runs, {}))
+    rows = [time_form("batched_mm (direct convert_model)", batched_mm_layer(weights), small, args.runs)]
     start = time.perf_counter()
     fused = batched_mm_layer(weights)
     report = fuse(fused, verify=False)
@@ -103,22 +106,24 @@ def main() -> None:
     for target in ("cpu", "per-expert"):
         model = fused.clone()
         lower(model, target)
-        rows.append(time_form(f"fused + lowered --target {target}", model, inputs, args.runs, {}))
+        rows.append(time_form(f"fused + lowered --target {target}", model, inputs, args.runs))
         del model
     del fused
     gc.collect()
-    rows.append(time_form("native tiled (optimum-intel 2.x form)", tiled_layer(weights), inputs, args.runs, {}))
+    rows.append(time_form("native tiled (optimum-intel 2.x form)", tiled_layer(weights), inputs, args.runs))
 
     base = rows[0]
+    first = f"prefill {fits}"
     scale = float(np.abs(base["out"]).max())
-    print(f"\n| form | compile s | prefill {prefill} ms | decode ms | prefill x | decode x | max rel diff | "
-          "runtime kernels |\n|---|---|---|---|---|---|---|---|")
+    phases = list(inputs)
+    print("\n| form | compile s | " + " | ".join(f"{p} ms" for p in phases) + f" | {first} x | decode x | "
+          "max rel diff | runtime kernels |\n|" + "---|" * (len(phases) + 6))
     for row in rows:
         diff = float(np.abs(row["out"] - base["out"]).max()) / scale
-        print(f"| {row['form']} | {row['compile_s']:.1f} | {row['prefill']:.1f} | {row['decode']:.2f} | "
-              f"{base['prefill'] / row['prefill']:.1f} | {base['decode'] / row['decode']:.1f} | {diff:.1e} | "
-              f"{row['kernels']} |")
-    print("(x = speed-up over the batched_mm original; max rel diff = largest |difference| of the prefill "
+        cells = " | ".join(f"{row[p]:.1f}" if p in row else "(does not fit)" for p in phases)
+        print(f"| {row['form']} | {row['compile_s']:.1f} | {cells} | {base[first] / row[first]:.1f} | "
+              f"{base['decode'] / row['decode']:.1f} | {diff:.1e} | {row['kernels']} |")
+    print(f"(x = speed-up over the batched_mm original; max rel diff = largest |difference| of the {first} "
           "output vs batched_mm, over its scale)")
 
 
