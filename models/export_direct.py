@@ -40,6 +40,7 @@ import openvino as ov
 import torch
 import transformers
 
+import moe_fusion
 from moe_fusion.convert import conversion_fixes, convert_model
 
 C = transformers
@@ -128,9 +129,9 @@ def build(spec: Spec):
     return model
 
 
-def compare(model, ovm: ov.Model) -> float:
+def compare(model, ovm: ov.Model, core: ov.Core | None = None) -> float:
     """Largest |logit difference| IR vs torch on fresh inputs: 1, 5 and 33 tokens, and a padded batch of 2."""
-    compiled = ov.Core().compile_model(ovm, "CPU", F32)
+    compiled = (core or ov.Core()).compile_model(ovm, "CPU", F32)
     rng = np.random.default_rng(7)
     cases = [np.ones((1, n), np.int64) for n in (1, 5, 33)] + [np.array([[1] * 9, [0] * 3 + [1] * 6], np.int64)]
     worst = 0.0
@@ -158,8 +159,12 @@ def export(name: str, out_root: Path) -> Path:
             print(f"  {name}: broken on purpose ({spec.broken}); fails on fresh input: {reason}")
     else:
         worst = compare(model, ovm)
-        print(f"  {name}: max |dlogit| vs torch = {worst:.3g}")
-        assert worst < TOLERANCE, f"{name}: IR differs from torch by {worst}"
+        fused = ovm.clone()
+        report = moe_fusion.fuse(fused)  # and the fused IR against torch too (FusedExperts needs moe_fusion)
+        worst_fused = compare(model, fused, moe_fusion.core())
+        print(f"  {name}: max |dlogit| vs torch = {worst:.3g}; fused {len(report.fused)}/{len(report.blocks)} "
+              f"blocks, fused IR vs torch {worst_fused:.3g}")
+        assert worst < TOLERANCE and worst_fused < TOLERANCE, f"{name}: IR differs from torch by {worst}"
     out = out_root / f"direct-{name}"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
