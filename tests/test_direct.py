@@ -14,6 +14,7 @@ import numpy as np
 import openvino as ov
 import openvino.opset14 as ops
 import pytest
+from click.testing import CliRunner
 
 import moe_fusion
 from moe_fusion import broken
@@ -127,6 +128,8 @@ def test_broken_exports_are_named(fixture, capsys):
     for block in report.blocks:
         assert block.reason.startswith("broken export: ") and problem in block.reason and fix in block.reason
         assert block.broken_export and block.stopped_at
+    main_run = CliRunner().invoke(main, ["inspect", str(FIXTURES / fixture)])
+    assert main_run.exit_code == 0 and "come from a broken export" in main_run.stderr, main_run.output
     with pytest.raises(InputError, match="is a broken export"):
         moe_fusion.check(model, model)
     with pytest.raises(SystemExit) as exit_code:  # check of the model against itself is not a pass
