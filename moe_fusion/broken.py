@@ -127,8 +127,8 @@ def _constant_expert_ids(model: ov.Model) -> list[Finding]:
         missing = sorted(set(range(experts)) - seen)
         if missing:
             kept = sorted(seen)
-            found.append(Finding(node, f"the trace kept experts {kept} of {experts} (the ones the example input "
-                                 f"hit): experts {missing} are missing, so tokens routed to them get nothing",
+            found.append(Finding(node, f"the trace kept experts {kept} (the ones the example input hit): experts "
+                                 f"{missing} of {experts} are missing, so tokens routed to them get nothing",
                                  LOOP_OVER_HIT))
     return found
 
