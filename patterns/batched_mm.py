@@ -15,6 +15,8 @@ with routed scaling): FusedExperts takes the final TopK's indices and the per-sl
 multiplies by. The Clamp and the masked_fill exist for expert parallelism (ids >= E mark other devices'
 experts); both are proven no-ops here from the TopK's width before the block is fused. Weights stored
 `[E, out, in]` (bmm(W, x)) or `[E, in, out]` (bmm(x, W), `is_transposed` experts) are both read.
+GPT-OSS's experts in this form (`gemm2_block`) are GEMM2: biases gathered like the weights, gate and up
+interleaved lanes of one projection, both clamped, `(up + 1) * gate * sigmoid(beta * gate)`.
 """
 
 from __future__ import annotations
