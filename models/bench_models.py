@@ -235,7 +235,41 @@ def tiled_layer(weights: LayerWeights) -> ov.Model:
     return ov.Model([out.output(0)], [hidden], f"{s.name}-tiled")
 
 
-FORMS = {"loop": loop_layer, "tiled": tiled_layer}
+def batched_mm_layer(weights: LayerWeights) -> ov.Model:
+    """The `batched_mm` form `openvino.convert_model` traces from transformers 5 experts (docs/converting.md,
+    patterns/batched_mm.py): per (token, slot) the expert's stacked `gate_up [E, 2I, H]` and `down [E, H, I]`
+    gathered by the clamped expert id, a batched MatMul each, chunked SwiGLU, routing weight, masked_fill of
+    ids >= E, sum over the K slots. f16 weights only (a direct conversion saved with ov.save_model's
+    default f16 compression)."""
+    if weights.weight_type != "f16":
+        raise ValueError("batched_mm_layer: f16 weights only")
+    s = weights.shape
+    e, h, i, k = s.experts, s.hidden, s.intermediate, s.top_k
+    hidden = ops.parameter([-1, -1, h], np.float32, name="hidden_states")
+    x = ops.reshape(hidden, _i64([-1, h]), False)
+    routing, indices = _router(weights, x.output(0))
+    ids = ops.reshape(indices, _i64([-1]), False)
+    invalid = ops.unsqueeze(ops.greater_equal(ids, _i64(e)), _i64(-1))
+    clamped = ops.convert(ops.clamp(ids, 0, e - 1), ov.Type.i32)
+    gate_up = ops.convert(_const(np.concatenate([weights.gate, weights.up], axis=1)), ov.Type.f32)  # [E, 2I, H]
+    down = ops.convert(_const(weights.down), ov.Type.f32)  # [E, H, I]
+    tokens = ops.gather(ops.shape_of(x), _i64(0), _i64(0))
+    token_idx = ops.range(_i64(0), tokens, _i64(1), "i64")
+    expanded = ops.broadcast(ops.unsqueeze(token_idx, _i64(1)), _i64([1, k]), broadcast_spec="BIDIRECTIONAL")
+    token_idx = ops.reshape(expanded, _i64([-1]), False)
+    rows = ops.unsqueeze(ops.gather(x, ops.convert(token_idx, ov.Type.i32), _i64(0)), _i64(-1))  # [S, H, 1]
+    projected = ops.squeeze(ops.matmul(ops.gather(gate_up, clamped, _i64(0)), rows, False, False), _i64([-1]))
+    gate, up = ops.variadic_split(projected, _i64(-1), _i64([i, i])).outputs()
+    act = ops.unsqueeze(ops.multiply(_swish(gate), up), _i64(-1))  # [S, I, 1]
+    y = ops.squeeze(ops.matmul(ops.gather(down, clamped, _i64(0)), act, False, False), _i64([-1]))  # [S, H]
+    y = ops.multiply(y, ops.unsqueeze(ops.reshape(routing, _i64([-1]), False), _i64(-1)))
+    y = ops.select(invalid, _const(np.array(0.0, np.float32)), y)
+    out = ops.reduce_sum(ops.reshape(y, _i64([-1, k, h]), False), _i64([1]), False)
+    out = ops.reshape(out, ops.shape_of(hidden), False)
+    return ov.Model([out.output(0)], [hidden], f"{s.name}-batched_mm")
+
+
+FORMS = {"loop": loop_layer, "tiled": tiled_layer, "batched_mm": batched_mm_layer}
 
 
 def reference_output(weights: LayerWeights, x: np.ndarray) -> np.ndarray:

@@ -143,6 +143,7 @@ def inspect_command(input_path, patterns, as_json, explain) -> None:
         click.echo(report.to_json())
     elif report.blocks:
         click.echo(report.table())
+        _warn_broken(report)
     else:
         click.echo(f"no MoE blocks found in {input_path}")
 
@@ -185,3 +186,11 @@ def _print(report, report_path: Path | None) -> None:
         click.echo(report.table())
     if report_path:
         report_path.write_text(report.to_json())
+    _warn_broken(report)
+
+
+def _warn_broken(report) -> None:
+    broken = sum(1 for b in report.blocks if b.broken_export)
+    if broken:
+        click.echo(f"moe-fusion: {broken} block{'s' * (broken != 1)} of this model come from a broken export (its "
+                   "outputs are wrong, not merely unfused): see the reasons above and docs/converting.md", err=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import openvino as ov
 
-from moe_fusion import catalogue, router
+from moe_fusion import broken, catalogue, router
 from moe_fusion.block import WEIGHT_NAMES, Decline, MoEBlock, block_name, has_shared_expert, module_path
 from moe_fusion.pattern import same
 from moe_fusion.prove import prove
@@ -112,6 +112,7 @@ def fuse(
     start = time.perf_counter()
     families = catalogue.load(patterns)
     blocks, misses = candidates(model, families)
+    misses += broken.mark(model, misses)  # traces that froze routing: the model is wrong, not unfused
     report = Report(blocks=list(misses))
     if progress:
         progress(0, len(blocks))
