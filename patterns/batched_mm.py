@@ -169,7 +169,11 @@ def _matrices(values: dict, num_experts: int, router) -> tuple:
 
 
 def _new_block(values: dict, router, indices, num_experts: int, weights: dict, **attributes) -> MoEBlock:
+    # every token gathers its K experts' matrices (then MatMuls them in f32): that much memory per token
+    expert_elements = sum(int(np.prod(w.parts[0].shape[1:])) for w in weights.values())
+    top_k = indices.get_partial_shape()[-1].get_length() if indices.get_partial_shape()[-1].is_static else 1
     return MoEBlock(
+        bytes_per_token=2 * 4 * top_k * expert_elements,
         family=FAMILY,
         router=router,
         hidden=strip(values["hidden"]),

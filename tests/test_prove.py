@@ -174,3 +174,20 @@ def test_weights_in_anonymous_memory_are_written_once_for_the_worker(mapped_weig
     proof = prove(block, *build(block))
     assert proof.ok, proof.reason
     assert mapped_weights[0].spilled > 0
+
+
+def test_a_block_holding_memory_per_token_is_proven_in_pieces_that_fit(monkeypatch):
+    """A direct-conversion block gathers its K experts' weights for every token (151 MB per token at
+    Qwen3-30B-A3B's shape): its batch runs in pieces sized from the memory available, with the same cases."""
+    from moe_fusion import prove as prove_module
+
+    _model, block = first_block("direct-mixtral")
+    assert block.bytes_per_token > 0
+    monkeypatch.setattr(prove_module, "_available_memory", lambda: int(10 * block.bytes_per_token / 0.2) + 1)
+    sizes = []
+    real = prove_module._run_sides
+    monkeypatch.setattr(prove_module, "_run_sides", lambda b, s, runs: sizes.append(len(runs)) or real(b, s, runs))
+    proof = prove(block, *build(block))
+    assert proof.ok and proof.experts_covered == block.num_experts, proof.reason
+    assert sizes[0] > 10  # 1 token, then pieces of at most 10 rows
+    assert proof.cases[:3] == ["1 token", "3 tokens: zero row, duplicated row", "80 tokens steered to every expert"]
