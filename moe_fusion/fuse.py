@@ -11,7 +11,7 @@ import openvino as ov
 from moe_fusion import broken, catalogue, router
 from moe_fusion.block import WEIGHT_NAMES, Decline, MoEBlock, block_name, has_shared_expert, module_path
 from moe_fusion.pattern import same
-from moe_fusion.prove import prove
+from moe_fusion.prove import prove, start_workers
 from moe_fusion.report import BlockReport, Report
 from moe_fusion.rewrite import apply, build
 
@@ -114,6 +114,8 @@ def fuse(
     blocks, misses = candidates(model, families)
     misses += broken.mark(model, misses)  # traces that froze routing: the model is wrong, not unfused
     report = Report(blocks=list(misses))
+    if verify and blocks and not dry_run:
+        start_workers()
     if progress:
         progress(0, len(blocks))
     for done, block in enumerate(blocks, start=1):

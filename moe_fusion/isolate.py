@@ -56,6 +56,11 @@ class Worker:
         self._conn: Connection | None = None
         self._stderr = None
 
+    def start(self) -> None:
+        """Start the worker now, if it is not running (it imports OpenVINO while the caller works on)."""
+        if self._process is None or self._process.poll() is not None:
+            self._start()
+
     def _start(self) -> None:
         parent, child = socket.socketpair()
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 (kept open for the process's lifetime)
@@ -78,8 +83,7 @@ class Worker:
 
     def send(self, fn, *args) -> None:
         """Start `fn(*args)` in the worker; `receive()` waits for its result (other work may run meanwhile)."""
-        if self._process is None or self._process.poll() is not None:
-            self._start()
+        self.start()
         with contextlib.suppress(OSError):  # died before: receive() reports how
             self._conn.send((fn, args))
 

@@ -379,13 +379,17 @@ class _NotTokenRows(ValueError):
     """Forced routing cannot be fed: the routing values are not [T, K] rows."""
 
 
-def run_side(xml: str, weights: list[mapped.FileBytes], runs: list, target: str | None, modes: tuple) -> list:
+def run_side(xml: str, weights: list[mapped.FileBytes], feeds: str, target: str | None, modes: tuple) -> list:
     """In a worker process: read the cut-out model, lower it to `target` (the replacement), feed it its
     mapped weights, compile it f32 on CPU and run each feed list; returns every run's outputs.
 
     `modes`, tried in order until one runs: the weights as Parameters of a dynamic shape ("dynamic": the
     plugin holds no copy of them), of their static shape ("static"), or as Constants over the mapped bytes
-    ("constant": the plugin's compressed kernels, which refuse weights that are not constants)."""
+    ("constant": the plugin's compressed kernels, which refuse weights that are not constants). `feeds`: an
+    .npz file of the runs' inputs (a file: both workers load it at once, instead of the caller writing MBs
+    down each one's pipe while it starts)."""
+    with np.load(feeds) as stored:
+        runs = [[stored[f"{r}_{i}"] for i in range(int(stored[f"{r}_count"]))] for r in range(int(stored["runs"]))]
     errors = []
     for mode in modes:
         try:
@@ -460,6 +464,12 @@ def _per_expert_parameters(model: ov.Model, feeds: dict[str, mapped.FileBytes]) 
 
 # The proof's two sides run in their own processes, at the same time (one compiles while the other runs).
 _WORKERS = (isolate.Worker(), isolate.Worker())
+
+
+def start_workers() -> None:
+    """Start the proof's worker processes ahead of the first proof (each takes ~0.5 s to import OpenVINO)."""
+    for worker in _WORKERS:
+        worker.start()
 # The replacement runs as FusedExperts lowered to native ops that read the same stored weights as the
 # original (FusedExperts itself, a Python op, would need every expert in f32); that each lowering computes
 # FusedExperts is tested on its own (tests/test_lower.py, tests/test_op_contract.py). Float weights: one GEMM
@@ -474,13 +484,16 @@ def _run_sides(block: MoEBlock, sides: Cut, runs: list[list[np.ndarray]]) -> tup
     compressed = any(isinstance(part, Compressed) for w in block.weights.values() for part in w.parts)
     target, modes = COMPRESSED if compressed else PLAIN
     with tempfile.TemporaryDirectory(prefix="moe-fusion-proof-") as folder:
+        feeds = str(Path(folder) / "feeds.npz")
+        arrays = {f"{r}_{i}": array for r, run in enumerate(runs) for i, array in enumerate(run)}
+        np.savez(feeds, runs=len(runs), **{f"{r}_count": len(run) for r, run in enumerate(runs)}, **arrays)
         locator = mapped.Locator(Path(folder))
         jobs = (("original", sides.original, None), ("replacement", sides.replacement, target))
         for worker, (name, model, lowering) in zip(_WORKERS, jobs, strict=True):
             weights = mapped.parameterize(model, locator)
             xml = str(Path(folder) / f"{name}.xml")
             ov.save_model(model, xml, compress_to_fp16=False)
-            worker.send(run_side, xml, weights, runs, lowering, modes)
+            worker.send(run_side, xml, weights, feeds, lowering, modes)
         replies = []
         for worker in _WORKERS:  # collect both, even when the first failed
             try:
