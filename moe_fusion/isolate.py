@@ -53,6 +53,7 @@ class Worker:
 
     def __init__(self) -> None:
         self._process: subprocess.Popen | None = None
+        self._jobs = 0  # jobs sent; replies carry their job's number, so a stale reply is never taken
         self._conn: Connection | None = None
         self._stderr = None
 
@@ -84,12 +85,15 @@ class Worker:
     def send(self, fn, *args) -> None:
         """Start `fn(*args)` in the worker; `receive()` waits for its result (other work may run meanwhile)."""
         self.start()
+        self._jobs += 1
         with contextlib.suppress(OSError):  # died before: receive() reports how
-            self._conn.send((fn, args))
+            self._conn.send((self._jobs, fn, args))
 
     def receive(self):
         try:
-            ok, value = self._conn.recv()
+            job, ok, value = self._conn.recv()
+            while job != self._jobs:  # the reply to a job whose caller gave up on it
+                job, ok, value = self._conn.recv()
         except (EOFError, OSError) as error:
             name = _describe(self._process.wait())
             words = self._last_words()
@@ -146,15 +150,15 @@ def serve(fd: int) -> None:
     conn = Connection(fd)
     while True:
         try:
-            fn, args = conn.recv()
+            job, fn, args = conn.recv()
         except EOFError:  # the caller is gone
             return
         try:
-            reply = (True, fn(*args))
+            reply = (job, True, fn(*args))
         except Exception as error:  # reported to the caller, which declines with it
-            reply = (False, _sendable(error))
+            reply = (job, False, _sendable(error))
         try:
             conn.send(reply)
         except (pickle.PicklingError, TypeError) as error:
-            conn.send((False, f"result cannot be sent back: {error}"))
+            conn.send((job, False, WorkerError(f"result cannot be sent back: {error}")))
 

@@ -26,6 +26,8 @@ Inputs are chosen to be hard, each case compared on its own rows and scale:
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +37,7 @@ import openvino as ov
 import openvino.opset14 as ops
 
 from moe_fusion import isolate, mapped
-from moe_fusion.block import MoEBlock
+from moe_fusion.block import MoEBlock, Weight
 from moe_fusion.check import F32, token_shape
 from moe_fusion.compressed import Compressed
 from moe_fusion.io import core
@@ -152,16 +154,18 @@ class Cut:
     router's own top-k indices."""
 
     original: ov.Model
-    replacement: ov.Model
+    replacement: ov.Model | None
     forced: bool
 
 
-def cut(block: MoEBlock, replacement: ov.Output, forced: bool = True) -> Cut:
-    """Cut the block (and `replacement`, built on the block's own values) out of the graph. Forced routing
-    is left out when the block reads its router elsewhere (`Cut.forced` False)."""
+def cut(block: MoEBlock, replacement: ov.Output | None, forced: bool = True) -> Cut:
+    """Cut the block (and `replacement`, built on the block's own values; None: the block only) out of the
+    graph. Forced routing is left out when the block reads its router elsewhere (`Cut.forced` False). Every
+    cut of one block has the same inputs, in the same order."""
     inside, shape_only = _block_nodes(block)
-    inside |= _new_nodes(replacement, inside, _key(block.hidden))
     forced = forced and not _reads_router_elsewhere(block, inside)
+    if replacement is not None:
+        inside |= _new_nodes(replacement, inside, _key(block.hidden))
     hidden = ops.parameter(block.hidden.get_partial_shape(), block.hidden.get_element_type())
     params, swaps = [hidden], [(block.hidden, hidden.output(0))]
     if forced:
@@ -180,7 +184,7 @@ def cut(block: MoEBlock, replacement: ov.Output, forced: bool = True) -> Cut:
         target.replace_source_output(new)
     try:
         original = ov.Model([block.output, block.topk_indices], params, "block").clone()
-        rewritten = ov.Model([replacement], params, "fused_block").clone()
+        rewritten = ov.Model([replacement], params, "fused_block").clone() if replacement is not None else None
     finally:
         for target, value, _new in rewired:
             target.replace_source_output(value)
@@ -226,30 +230,27 @@ def _steering_rows(block: MoEBlock, hidden_size: int, rng: np.random.Generator) 
     return np.concatenate(rows).astype(np.float32)
 
 
-def _expert_matrices(value: ov.Output):
-    """Each expert's `[in, out]` matrix in f32, one at a time (a stacked weight read as stored, no f32
-    copy of all experts); nothing when the weight is not a plain (or f16/bf16-stored) constant."""
-    node = value.get_node()
-    if node.get_type_name() == "Convert":
-        node = node.input_value(0).get_node()
-    if node.get_type_name() != "Constant" or node.get_element_type().is_integral():
+def _expert_matrices(weight: Weight):
+    """Each expert's `[in, out]` matrix of the block's own weight in f32, one at a time (no f32 copy of all
+    experts); nothing when the weight is integer-compressed."""
+    parts = weight.parts
+    if any(isinstance(p, Compressed) for p in parts):
         return
-    for expert in np.asarray(node.get_tensor_view().data):
-        if node.get_element_type() == ov.Type.bf16:  # .data shows bf16 as f16 bits
-            expert = (expert.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    for expert in parts[0] if len(parts) == 1 and parts[0].ndim == 3 else parts:  # stacked, or per expert
         yield np.asarray(expert, dtype=np.float32)
 
 
-def _clamp_rows(block: MoEBlock, fused: ov.Node, rng: np.random.Generator, hidden_size: int) -> tuple:
+def _clamp_rows(block: MoEBlock, rng: np.random.Generator, hidden_size: int) -> tuple:
     """Rows large enough that gate/up pre-activations pass the clamp limit (GEMM2 with expert_alpha), and
     whether they do (None: the weights could not be read to tell)."""
     alpha = float(block.expert_alpha)  # the original's clamp, whatever the replacement claims
     rows = rng.standard_normal((16, hidden_size)).astype(np.float32)
-    peaks = [float(np.abs(rows @ w).max()) for w in _expert_matrices(fused.input_value(3))]
+    gate_up = next(iter(block.weights.values()))
+    peaks = [float(np.abs(rows @ w).max()) for w in _expert_matrices(gate_up)]
     if not peaks:
         return rows * 8 * alpha, None
     rows *= 4 * alpha / max(max(peaks), 1e-12) * np.linspace(0.5, 2.0, 16, dtype=np.float32)[:, None]
-    return rows, max(float(np.abs(rows @ w).max()) for w in _expert_matrices(fused.input_value(3))) > alpha
+    return rows, max(float(np.abs(rows @ w).max()) for w in _expert_matrices(gate_up)) > alpha
 
 
 def _forced_routing(tokens: int, num_experts: int, top_k: int, rng: np.random.Generator, index_type) -> tuple:
@@ -290,7 +291,7 @@ class _Case:
     forced: tuple[np.ndarray, np.ndarray] | None = None  # [n, K] expert indices, routing weights
 
 
-def _cases(block: MoEBlock, fused: ov.Node, rng: np.random.Generator, h: int, forced: bool, proof: Proof) -> list:
+def _cases(block: MoEBlock, rng: np.random.Generator, h: int, forced: bool, proof: Proof) -> list:
     pair = rng.standard_normal((1, h)).astype(np.float32)
     steering = _steering_rows(block, h, rng)
     cases = [
@@ -299,7 +300,7 @@ def _cases(block: MoEBlock, fused: ov.Node, rng: np.random.Generator, h: int, fo
         _Case(f"{len(steering)} tokens steered to every expert", steering),
     ]
     if block.expert_alpha > 0:
-        rows, proof.clamp_exercised = _clamp_rows(block, fused, rng, h)
+        rows, proof.clamp_exercised = _clamp_rows(block, rng, h)
         cases.append(_Case("16 tokens past the clamp limit", rows))
     out_type = block.output.get_element_type().get_type_name()
     if out_type in ("f16", "bf16"):
@@ -480,69 +481,109 @@ PLAIN = ("per-expert", ("dynamic", "static", "constant"))
 COMPRESSED = ("cpu", ("constant", "dynamic", "static"))
 
 
-def _run_sides(block: MoEBlock, sides: Cut, runs: list[list[np.ndarray]]) -> tuple[list, list]:
-    compressed = any(isinstance(part, Compressed) for w in block.weights.values() for part in w.parts)
-    target, modes = COMPRESSED if compressed else PLAIN
-    with tempfile.TemporaryDirectory(prefix="moe-fusion-proof-") as folder:
-        feeds = str(Path(folder) / "feeds.npz")
-        arrays = {f"{r}_{i}": array for r, run in enumerate(runs) for i, array in enumerate(run)}
-        np.savez(feeds, runs=len(runs), **{f"{r}_count": len(run) for r, run in enumerate(runs)}, **arrays)
-        locator = mapped.Locator(Path(folder))
-        jobs = (("original", sides.original, None), ("replacement", sides.replacement, target))
-        for worker, (name, model, lowering) in zip(_WORKERS, jobs, strict=True):
-            weights = mapped.parameterize(model, locator)
-            xml = str(Path(folder) / f"{name}.xml")
-            ov.save_model(model, xml, compress_to_fp16=False)
-            worker.send(run_side, xml, weights, feeds, lowering, modes)
-        replies = []
-        for worker in _WORKERS:  # collect both, even when the first failed
-            try:
-                replies.append(worker.receive())
-            except (isolate.WorkerError, isolate.WorkerCrash) as error:
-                replies.append(error)
-    for reply in replies:
-        if isinstance(reply, Exception):
-            raise reply
-    return replies[0], replies[1]
+@dataclass
+class Pending:
+    """A proof whose original side is running in its worker, while the caller builds the replacement."""
+
+    block: MoEBlock
+    proof: Proof
+    forced: bool
+    batches: list[list[_Case]]
+    folder: str  # the run inputs, the cut-out models and any spilled weights
+    modes: tuple
+    target: str
 
 
-def prove(block: MoEBlock, fused: ov.Node, replacement: ov.Output, seed: int = 0) -> Proof:
-    """Run the block and its replacement on hard inputs; ok only if every case agrees within tolerance."""
+def begin(block: MoEBlock, seed: int = 0) -> Pending | Proof:
+    """Cut the block out and start running it on the proof's inputs; a failed Proof when that cannot be."""
     hidden_shape = block.hidden.get_partial_shape()
     if hidden_shape.rank.is_dynamic or not all(d.is_dynamic or d.get_length() == 1 for d in list(hidden_shape)[:-1]):
         # rows of tokens fill the dynamic dims; a static batch or a reshaped input (mutation fuzzing found
         # [?, 8, H]) takes no [T, H] rows
         return Proof(False, f"cannot feed token rows to the experts' input of shape {hidden_shape}")
     try:
-        sides = cut(block, replacement)
+        sides = cut(block, None)
     except (ValueError, RuntimeError) as error:
         return Proof(False, f"cannot cut the block out for proof: {error}")
     rng = np.random.default_rng(seed)
-    h = hidden_shape[-1].get_length()
     proof = Proof(True)
     if not sides.forced:
         proof.notes.append("forced routing skipped: the block reads its router besides the routing weights and indices")
-    cases = _cases(block, fused, rng, h, sides.forced, proof)
-    params = sides.original.get_parameters()
+    cases = _cases(block, rng, hidden_shape[-1].get_length(), sides.forced, proof)
     try:
         batches = _batches(block, cases)
-        runs = [_feeds(block, params, group, sides.forced, rng) for group in batches]
+        runs = [_feeds(block, sides.original.get_parameters(), group, sides.forced, rng) for group in batches]
     except _NotTokenRows as error:  # forced routing cannot be fed: prove without it
         proof.notes.append(f"forced routing skipped: {error}, not [T, K]")
-        sides = cut(block, replacement, forced=False)
+        sides = cut(block, None, forced=False)
         batches = _batches(block, [c for c in cases if c.forced is None])
-        params = sides.original.get_parameters()
-        runs = [_feeds(block, params, group, False, rng) for group in batches]
+        runs = [_feeds(block, sides.original.get_parameters(), group, False, rng) for group in batches]
     except ValueError as error:  # inputs that do not fit the block's shapes
         return _failed(proof, f"block does not run on {cases[0].name}: {error}", set(), set())
-    try:
-        original, fused_runs = _run_sides(block, sides, runs)
-    except isolate.WorkerCrash as error:
-        reason = f"OpenVINO crashed running the block on CPU: its worker process was {error}"
-        return _failed(proof, reason, set(), set())
-    except Exception as error:  # OpenVINO's RuntimeError, or anything else: unproven is declined, not applied
-        return _failed(proof, f"block does not run on the proof's inputs: {_first_line(error)}", set(), set())
+    compressed = any(isinstance(part, Compressed) for w in block.weights.values() for part in w.parts)
+    target, modes = COMPRESSED if compressed else PLAIN
+    folder = tempfile.mkdtemp(prefix="moe-fusion-proof-")
+    arrays = {f"{r}_{i}": array for r, run in enumerate(runs) for i, array in enumerate(run)}
+    np.savez(Path(folder) / "feeds.npz", runs=len(runs), **{f"{r}_count": len(run) for r, run in enumerate(runs)},
+             **arrays)
+    pending = Pending(block, proof, sides.forced, batches, folder, modes, target)
+    _send(pending, 0, "original", sides.original, None)
+    return pending
 
+
+def _send(pending: Pending, side: int, name: str, model: ov.Model, lowering: str | None) -> None:
+    weights = mapped.parameterize(model, mapped.Locator(Path(pending.folder)))
+    xml = str(Path(pending.folder) / f"{name}.xml")
+    ov.save_model(model, xml, compress_to_fp16=False)
+    _WORKERS[side].send(run_side, xml, weights, str(Path(pending.folder) / "feeds.npz"), lowering, pending.modes)
+
+
+def cancel(pending: Pending) -> None:
+    """Drop a started proof (its replacement could not be built): wait for the original side, discard it."""
+    try:
+        with contextlib.suppress(Exception):
+            _WORKERS[0].receive()
+    finally:
+        shutil.rmtree(pending.folder, ignore_errors=True)
+
+
+def finish(pending: Pending, replacement: ov.Output) -> Proof:
+    """Run the replacement beside the original that `begin` started, and compare every case."""
+    block, proof = pending.block, pending.proof
+    replies = []
+    try:
+        try:
+            sides = cut(block, replacement, forced=pending.forced)
+            _send(pending, 1, "replacement", sides.replacement, pending.target)
+        except Exception as error:  # collect the original's reply all the same: the worker is busy with it
+            replies.append(error)
+        for worker in _WORKERS[: 2 - len(replies)]:
+            try:
+                replies.append(worker.receive())
+            except Exception as error:
+                replies.append(error)
+    finally:
+        shutil.rmtree(pending.folder, ignore_errors=True)
+    crashes = [r for r in replies if isinstance(r, isolate.WorkerCrash)]
+    errors = [r for r in replies if isinstance(r, Exception)]
+    if crashes:
+        reason = f"OpenVINO crashed running the block on CPU: its worker process was {crashes[0]}"
+        return _failed(proof, reason, set(), set())
+    if errors:  # OpenVINO's RuntimeError, or anything else: unproven is not applied
+        return _failed(proof, f"block does not run on the proof's inputs: {_first_line(errors[0])}", set(), set())
+    return _verdict(pending, replies[0], replies[1])
+
+
+def prove(block: MoEBlock, fused: ov.Node, replacement: ov.Output, seed: int = 0) -> Proof:
+    """Run the block and its replacement (the value replacing `block.output`, computed by `fused`) on hard
+    inputs; ok only if every case agrees within tolerance. `fuse` runs the same as begin/finish, so the
+    original compiles while the replacement is built."""
+    pending = begin(block, seed)
+    return pending if isinstance(pending, Proof) else finish(pending, replacement)
+
+
+def _verdict(pending: Pending, original: list, fused_runs: list) -> Proof:
+    block, proof, batches = pending.block, pending.proof, pending.batches
     rtol = TYPE_RTOL.get(block.output.get_element_type().get_type_name(), RTOL)
     routed: set[int] = set()
     covered: set[int] = set()
