@@ -12,6 +12,7 @@ anonymous memory on either side.
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,9 +84,9 @@ class Locator:
                 if path:
                     return FileBytes(path, offset + address - start, element_type, shape, nbytes)
         self.spilled += nbytes
-        file = self.spill / f"weight{self.spilled}_{nbytes}.bin"
-        data.reshape(-1).view(np.uint8)[:nbytes].tofile(file)
-        return FileBytes(str(file), 0, element_type, shape, nbytes)
+        with tempfile.NamedTemporaryFile(dir=self.spill, suffix=".bin", delete=False) as file:
+            data.reshape(-1).view(np.uint8)[:nbytes].tofile(file)
+        return FileBytes(file.name, 0, element_type, shape, nbytes)
 
     def _openable(self, path: str) -> str:
         if not path.endswith(" (deleted)"):
