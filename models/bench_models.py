@@ -74,12 +74,28 @@ def _random(rng: np.random.Generator, shape: tuple[int, ...], fan_in: int) -> np
     return np.resize(block, shape)
 
 
-def layer_weights(shape: LayerShape, weight_type: str = "f16", seed: int = 0) -> LayerWeights:
+def _distinct_f16(rng: np.random.Generator, shape: tuple[int, ...], fan_in: int) -> np.ndarray:
+    """Every value drawn on its own (random sign and mantissa, |x| in [2^-6, 2^-4), about 1/sqrt(fan_in) for
+    real fan-ins): saved IRs keep every expert (OpenVINO's save_model stores identical constants once), at
+    bit-twiddling speed (~1 s per 10^8 values)."""
+    bits = np.frombuffer(rng.bytes(2 * int(np.prod(shape))), np.uint16).copy()
+    bits &= 0x87FF  # sign, the exponent's lowest bit, mantissa
+    bits |= 0x2400  # exponent 9 or 10 (of bias 15)
+    return bits.view(np.float16).reshape(shape)
+
+
+def layer_weights(shape: LayerShape, weight_type: str = "f16", seed: int = 0, distinct: bool = False) -> LayerWeights:
+    """`distinct`: every weight drawn on its own, as a trained layer is (for memory and file-size
+    measurements); otherwise a random block repeated, which is faster and all speed measurements need."""
     if weight_type not in WEIGHT_TYPES:
         raise ValueError(f"weight type {weight_type!r}: expected one of {WEIGHT_TYPES}")
     rng = np.random.default_rng(seed)
     e, h, i = shape.experts, shape.hidden, shape.intermediate
-    gate, up, down = _random(rng, (e, i, h), h), _random(rng, (e, i, h), h), _random(rng, (e, h, i), i)
+    shapes = {"gate": ((e, i, h), h), "up": ((e, i, h), h), "down": ((e, h, i), i)}
+    if distinct and weight_type == "int4":
+        return _distinct_int4(shape, shapes, rng)
+    make = _distinct_f16 if distinct else _random
+    gate, up, down = (make(rng, *shapes[n]) for n in ("gate", "up", "down"))
     router = (rng.standard_normal((e, h), dtype=np.float32) * 0.5 / np.sqrt(h)).astype(np.float32)
     if weight_type == "f16":
         return LayerWeights(shape, weight_type, gate, up, down, router)
@@ -89,6 +105,22 @@ def layer_weights(shape: LayerShape, weight_type: str = "f16", seed: int = 0) ->
         scales[name] = (scale, zero)
         packed.append(q)
     return LayerWeights(shape, weight_type, *packed, router, scales)
+
+
+def _distinct_int4(shape: LayerShape, shapes: dict, rng: np.random.Generator) -> LayerWeights:
+    """Random int4 codes, zero points and scales drawn directly (quantising distinct f16 weights of a
+    Mixtral layer would need ~10 GB of f32 temporaries)."""
+    router = (rng.standard_normal((shape.experts, shape.hidden), dtype=np.float32) * 0.5 / np.sqrt(shape.hidden))
+    packed, scales = [], {}
+    for name in ("gate", "up", "down"):
+        (e, out, inp), fan_in = shapes[name]
+        grouped = (e, out, inp // INT4_GROUP)
+        codes = np.frombuffer(rng.bytes(e * out * inp), np.uint8).reshape(*grouped, INT4_GROUP) & 0x0F
+        scale = (rng.random((*grouped, 1), dtype=np.float32) + 0.5) * 4.0 / 15.0 / np.sqrt(fan_in)
+        zero = rng.integers(6, 10, size=(*grouped, 1), dtype=np.uint8)
+        packed.append(codes)
+        scales[name] = (scale.astype(np.float16), zero)
+    return LayerWeights(shape, "int4", *packed, router.astype(np.float32), scales)
 
 
 def _quantize_int4(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
