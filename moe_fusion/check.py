@@ -664,16 +664,28 @@ def _compare_whole(report: CheckReport, want: _Side, got: _Side) -> None:
 
 
 def _compare_layers(report: CheckReport, want: _Side, got: _Side) -> None:
-    theirs = {index: dict(zip(names, values, strict=True)) for index, names, values in got.outputs}
-    for index, names, values in want.outputs:
-        mine = theirs.get(index, {})
+    """Every value a fused segment hands on (cuts and model outputs) against the original's same value.
+    Values only the original computes (e.g. shapes its unfused blocks read) are not needed by the fused
+    model; model outputs must all be compared."""
+    from moe_fusion.segments import output_key
+
+    theirs = {index: dict(zip(names, values, strict=True)) for index, names, values in want.outputs}
+    outputs = {output_key(i): name for i, name in enumerate(want.names)}  # the model's outputs, by position
+    compared = set()
+    for index, names, values in got.outputs:
         for name, per_step in zip(names, values, strict=True):
-            if name not in mine:
+            if name not in theirs.get(index, {}):
                 raise InputError(f"the models do not cut alike at their MoE blocks: the fused model's segment {index} "
-                                 f"does not compute '{name}'; compare the whole models (--mode whole)")
-            for step, a, b in zip(want.steps, per_step, mine[name], strict=True):
+                                 f"computes '{name}', the original's does not; compare the whole models (--mode whole)")
+            compared.add(name)
+            shown = outputs.get(name, name)
+            for step, a, b in zip(want.steps, theirs[index][name], per_step, strict=True):
                 label = f"{step.label}, segment {index}"
-                _add(report, _compare(name, label, step.tokens, a, b, report.atol, report.rtol, name == "logits"))
+                _add(report, _compare(shown, label, step.tokens, a, b, report.atol, report.rtol, shown == "logits"))
+    missing = [n for key, n in outputs.items() if key not in compared]
+    if missing:
+        raise InputError(f"the models do not cut alike at their MoE blocks: the fused model's output '{missing[0]}' "
+                         "is not computed in the same segment; compare the whole models (--mode whole)")
 
 
 def _fail(report: CheckReport, reason: str, start: float) -> CheckReport:

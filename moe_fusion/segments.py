@@ -27,11 +27,15 @@ class Segment:
     index: int
     model: ov.Model  # inputs: `inputs` in order; outputs: `outputs` in order
     inputs: list[str]  # model Parameter names, or cut keys
-    outputs: list[str]  # model output names (Results), or cut keys
+    outputs: list[str]  # output_key(i) for the model's i-th output, or cut keys
 
 
 def key(value: ov.Output) -> str:
     return f"{value.get_node().get_friendly_name()}:{value.get_index()}"
+
+
+def output_key(index: int) -> str:
+    return f"@output{index}"
 
 
 def _name(value: ov.Output) -> str:
@@ -73,8 +77,8 @@ def assign(model: ov.Model, anchor_names: list[str]) -> dict[int, int]:
                 s = max([0, *inputs])
             if kind == "ReadValue":
                 s = max(s, variable_floor.get(_variable(node), 0))
-            if kind != "Parameter":
-                s = max(s, floor.get(node.get_friendly_name(), 0))
+            if kind != "Parameter" and node.get_friendly_name() in floor:
+                s = max(s, floor[node.get_friendly_name()])
             seg[node.get_instance_id()] = s
         moved = {_variable(n): seg[n.get_instance_id()] for n in order if n.get_type_name() == "Assign"}
         if moved == variable_floor:
@@ -93,9 +97,9 @@ class Cut:
         order = model.get_ordered_ops()
         last = max([0, *self.sid.values()])
         self.results: dict[int, list] = {s: [] for s in range(last + 1)}
-        for result in model.get_results():
+        for i, result in enumerate(model.get_results()):  # named by position: the fused model's may differ
             value = result.input_value(0)
-            self.results[max(0, self.sid[value.get_node().get_instance_id()])].append((_name(value), value))
+            self.results[max(0, self.sid[value.get_node().get_instance_id()])].append((output_key(i), value))
         self.cuts: dict[int, dict[str, ov.Output]] = {s: {} for s in self.results}  # made in s, read later
         self.reads: dict[int, dict[str, ov.Output]] = {s: {} for s in self.results}  # read in s, made earlier
         for node in order:
