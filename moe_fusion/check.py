@@ -489,15 +489,16 @@ def _run_layers(job: _Job, model: ov.Model, lower_it: bool, side: _Side) -> _Sid
                 f"reads '{missing[0]}', which the original does not compute before it; compare the whole "
                 "models (--mode whole)"
             )
-        try:
-            runner = _Runner(_lowered(segment.model) if lower_it else segment.model, job.device, job.config)
-        except RuntimeError as error:
-            side.error = f"does not compile on {job.device} (segment {segment.index}): {first_line(error)}"
-            return side
+        sub = _lowered(segment.model) if lower_it else segment.model
         values: list[list[np.ndarray]] = [[] for _ in segment.outputs]
         for i, step in enumerate(side.steps):
-            if step.reset:
-                runner.request.reset_state()
+            if step.reset:  # compiled afresh per prompt length, as in whole mode
+                runner = None
+                try:
+                    runner = _Runner(sub, job.device, job.config)
+                except RuntimeError as error:
+                    side.error = f"does not compile on {job.device} (segment {segment.index}): {first_line(error)}"
+                    return side
             try:
                 outputs = runner.run([cuts[n][i] if n in cuts else step.feeds[n] for n in segment.inputs])
             except (RuntimeError, ValueError) as error:
@@ -506,7 +507,7 @@ def _run_layers(job: _Job, model: ov.Model, lower_it: bool, side: _Side) -> _Sid
             for slot, value in zip(values, outputs, strict=True):
                 slot.append(value)
         side.outputs.append((segment.index, segment.outputs, values))
-        del runner, segment
+        del runner, sub, segment
         if job.given is None:  # the original's values feed the later segments of both sides
             cuts.update(zip(side.outputs[-1][1], values, strict=True))
     return side
