@@ -8,6 +8,8 @@ from their originals by ~1e-7 of the scale, the injected faults (tests/test_faul
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -147,3 +149,19 @@ def test_run_isolated_returns_raises_and_survives_a_crash():
         run_isolated(os.abort)  # a native abort in the child, as a crashing runtime does
     assert caught.value.signal == "SIGABRT"
     assert moe_fusion.check is check
+
+
+def test_pytest_plugin_mode_option(tmp_path):
+    _original, fused = pair("gen1-mixtral")
+    save(fused, FIXTURES / "gen1-mixtral", tmp_path / "fused")
+    (tmp_path / "test_user.py").write_text(
+        "import pytest\n\n"
+        f"@pytest.mark.moe_equivalent({str(FIXTURES / 'gen1-mixtral')!r}, {str(tmp_path / 'fused')!r})\n"
+        "def test_marker(moe_report):\n"
+        "    assert moe_report.mode == 'layers' and moe_report.segments == 3\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "--moe-steps", "1", "--moe-tokens", "3", "--moe-mode", "layers",
+         "test_user.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert "1 passed" in result.stdout, result.stdout + result.stderr
