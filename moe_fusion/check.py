@@ -364,9 +364,10 @@ def _prepare(job: _Job) -> tuple[ov.Model, bool]:
     its FusedExperts are to be lowered."""
     model = load(job.source) if not isinstance(job.source, ov.Model) else job.source.clone()
     _keep_weights_stored(model)
-    lower_it = job.role == "fused" and (
-        job.fused_experts == "lower" or (job.fused_experts == "auto" and _compressed_experts(model))
-    )
+    # auto: lower where running the op costs more than lowering it: int8/int4 weights (the op reads them
+    # dequantised to f32, ~8x their bytes), and segment by segment (see _run_layers).
+    auto = job.mode == "layers" or _compressed_experts(model)
+    lower_it = job.role == "fused" and (job.fused_experts == "lower" or (job.fused_experts == "auto" and auto))
     return model, lower_it
 
 
@@ -405,13 +406,21 @@ def run_side(job: _Job) -> _Side:
     rng = np.random.default_rng(job.seed)
     runs = _given_runs(job.given) if job.given is not None else [[None] * (job.steps + 1 if stateful else 1)
                                                                  for _ in job.tokens]
+    # Compiled afresh per prompt length: the plugin's per-shape weight packings do not pile up. Not with
+    # FusedExperts run as is: OpenVINO never frees a compiled model holding a Python op (measured: each
+    # compile of the Qwen3-30B-A3B layer keeps its 2.4 GB of f32 weights), so it is compiled once.
+    once = _runs_python_op(model)
+    runner = None
     for count, run in zip(job.tokens, runs, strict=True):
         _say(job, f"compiling for prefill {count}")
-        try:  # compiled afresh per prompt length: the plugin's per-shape weight packings do not pile up
-            runner = _Runner(model, job.device, job.config)
-        except RuntimeError as error:
-            side.error = f"does not compile on {job.device}: {first_line(error)}"
-            return side
+        if runner is None or not once:
+            runner = None
+            try:
+                runner = _Runner(model, job.device, job.config)
+            except RuntimeError as error:
+                side.error = f"does not compile on {job.device}: {first_line(error)}"
+                return side
+        runner.request.reset_state()
         ids = rng.integers(0, job.vocab, (1, count)) if llm and job.given is None else None
         past = 0
         for i, given in enumerate(run):
@@ -433,8 +442,13 @@ def run_side(job: _Job) -> _Side:
             else:  # greedy on the ORIGINAL's logits: both models follow the same path
                 logits = outputs[logits_at]
                 ids = logits.reshape(1, -1, logits.shape[-1])[:, -1:].argmax(-1).astype(np.int64)
-        del runner
     return side
+
+
+def _runs_python_op(model: ov.Model) -> bool:
+    from moe_fusion.lower import fused_experts_nodes
+
+    return bool(fused_experts_nodes(model))
 
 
 def _given_runs(steps: list[_Step]) -> list[list[_Step]]:
@@ -472,6 +486,10 @@ def _run_layers(job: _Job, model: ov.Model, lower_it: bool, side: _Side) -> _Sid
     inputs, and errors do not carry from one layer to the next."""
     from moe_fusion.segments import Cut, anchors
 
+    if job.role == "fused" and not lower_it and _runs_python_op(model):
+        raise InputError("--mode layers cannot run FusedExperts as it is: OpenVINO never frees a compiled model "
+                         "holding a Python op, so every segment's f32 weights would stay in memory; use "
+                         "--fused-experts lower (or auto), or --mode whole")
     side.steps = job.given if job.given is not None else _layer_steps(job, model)
     side.anchors = anchors(model) if job.anchors is None else job.anchors
     cuts = dict(job.cuts or {})  # key -> value at every step: the original's, as they are computed
@@ -588,8 +606,9 @@ def check(
     and the greedy tokens both follow); "layers" runs both segment by segment, one MoE layer compiled at
     a time, every segment on the original's real values at its inputs (docs/checking.md: what each proves).
     `fused_experts`: "run" the FusedExperts op as it is, "lower" a copy to native per-expert ops first,
-    or "auto": lower only FusedExperts with integer-compressed weights (the Python op dequantises them
-    to f32). `isolate`: run each side in a child process (paths only), so a crash of the OpenVINO runtime
+    or "auto": lower FusedExperts with integer-compressed weights (the Python op dequantises them to
+    f32) and, in layers mode, all of them (OpenVINO does not free compiled models holding a Python op).
+    `isolate`: run each side in a child process (paths only), so a crash of the OpenVINO runtime
     becomes a verdict instead of killing the caller; `progress`: say on stderr what runs.
 
     Raises `InputError` (a ValueError) for inputs that cannot be compared: unreadable or invalid models,

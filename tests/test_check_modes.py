@@ -165,3 +165,12 @@ def test_pytest_plugin_mode_option(tmp_path):
          "test_user.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert "1 passed" in result.stdout, result.stdout + result.stderr
+
+
+def test_layers_refuses_to_run_fused_experts_as_is():
+    """OpenVINO keeps every compiled model holding a Python op: segment after segment, their f32 weights
+    would add up to the model's. Layers mode lowers FusedExperts (auto) or refuses to run them as is."""
+    original, fused = pair("gen1-mixtral")
+    assert check(original, fused, mode="layers", **FAST).fused_experts == "lowered per-expert"
+    with pytest.raises(InputError, match="cannot run FusedExperts as it is"):
+        check(original, fused, mode="layers", fused_experts="run", **FAST)
