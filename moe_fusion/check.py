@@ -570,6 +570,27 @@ def _compare(
 
 
 MODES = ("whole", "layers")
+# Peak memory of whole mode per byte of the original's stored weights (its larger side compiled alone),
+# measured on this project's real-shape layers (benchmarks/check_scale.py): f16 2.0-2.1x (int4 1.6x);
+# a lowered f16 model's GatherMatmul (cpu target) reaches 4.1x, which this estimate does not foresee.
+WHOLE_MODE_BYTES = 2.0
+
+
+def weight_bytes(model: ov.Model) -> int:
+    """Bytes of the model's Constants as stored (what its .bin holds)."""
+    return sum(n.get_byte_size() for n in model.get_ordered_ops() if n.get_type_name() == "Constant")
+
+
+def available_memory() -> int:
+    """MemAvailable (Linux); unknown elsewhere: no limit."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
 FUSED_EXPERTS = ("auto", "run", "lower")
 
 
@@ -645,6 +666,11 @@ def check(
         return _fail(report, f"fused model has {len(model_b.outputs)} outputs, original {len(model_a.outputs)}", start)
     if "input_ids" in params_a and vocab is None:
         raise InputError("cannot tell the vocabulary size: no embedding table behind input_ids and no logits width")
+    if mode == "whole":
+        needed, available = WHOLE_MODE_BYTES * weight_bytes(model_a), available_memory()
+        if needed > available:
+            raise InputError(f"checking the whole models needs about {needed / 1e9:.1f} GB of memory, "
+                             f"{available / 1e9:.1f} GB are available: use --mode layers (one layer at a time)")
     isolate = isolate and not isinstance(original, ov.Model) and not isinstance(fused, ov.Model)
     sources = [m if isinstance(m, ov.Model) else str(m) for m in (original, fused)]
     del model_a, model_b  # each side reads its own copy (memory-mapped weights: cheap)
