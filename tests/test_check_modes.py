@@ -178,7 +178,7 @@ def test_layers_refuses_to_run_fused_experts_as_is():
 
 def test_whole_mode_that_would_not_fit_points_to_layers(monkeypatch):
     original, fused = pair("gen1-mixtral")
-    monkeypatch.setattr("moe_fusion.check.available_memory", lambda: 1000)
+    monkeypatch.setattr(sys.modules["moe_fusion.check"], "available_memory", lambda: 1000)
     with pytest.raises(InputError, match=r"needs about .* GB of memory, 0.0 GB are available: use --mode layers"):
         check(original, fused, **FAST)
     assert check(original, fused, mode="layers", **FAST).equivalent  # layers needs no such room
