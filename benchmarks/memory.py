@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -77,27 +78,33 @@ def _status(pid: int) -> dict[str, int]:
 
 
 def _tree(pid: int) -> list[int]:
-    """`pid` and its descendants (the proof's worker processes)."""
-    parents = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as stat:
-                    parents[int(entry)] = int(stat.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-    tree, frontier = [pid], [pid]
-    while frontier:
-        frontier = [child for child, parent in parents.items() if parent in frontier]
-        tree += frontier
-    return tree
+    """`pid` and its descendants (the proof's and check's worker processes)."""
+    found, stack = [], [pid]
+    while stack:
+        process = stack.pop()
+        found.append(process)
+        try:
+            for task in os.listdir(f"/proc/{process}/task"):
+                with open(f"/proc/{process}/task/{task}/children") as children:
+                    stack.extend(int(c) for c in children.read().split())
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return found
 
 
-def measure(command: list[str], check: bool = True) -> tuple[float, int, int, int]:
-    """(seconds, peak RssAnon, peak RSS, exit code) of a subprocess and its descendants (summed), sampled
-    every 20 ms."""
+@dataclass
+class Measured:
+    seconds: float
+    anon: int  # peak RssAnon, summed over the process and its descendants
+    rss: int  # peak RSS, the same way
+    code: int
+    last_line: str  # of stdout (else stderr)
+
+
+def measure(command: list[str], check: bool = True) -> Measured:
+    """Run `command`, sampling its process tree's /proc status every 20 ms."""
     start = time.perf_counter()
-    process = subprocess.Popen(command)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak = {"RssAnon": 0, "VmRSS": 0}
 
     def sample() -> None:
@@ -115,11 +122,12 @@ def measure(command: list[str], check: bool = True) -> tuple[float, int, int, in
 
     sampler = threading.Thread(target=sample)
     sampler.start()
-    code = process.wait()
+    out, err = process.communicate()
     sampler.join()
-    if code and check:
-        raise SystemExit(f"{' '.join(command)} exited with {code}")
-    return time.perf_counter() - start, peak["RssAnon"], peak["VmRSS"], code
+    if process.returncode and check:
+        raise SystemExit(f"{' '.join(command)} exited with {process.returncode}: {err.strip()[-300:]}")
+    line = (out.strip() or err.strip()).splitlines()[-1:] or [""]
+    return Measured(time.perf_counter() - start, peak["RssAnon"], peak["VmRSS"], process.returncode, line[0])
 
 
 def main() -> None:
@@ -141,7 +149,8 @@ def main() -> None:
         out = args.dir / f"fused-{label.strip('-')}.xml"
         cli = [sys.executable, "-c", "from moe_fusion.cli import main; main()"]
         command = [*cli, "fuse", str(xml), "-o", str(out), "--force", *extra]
-        seconds, anon, rss, _ = measure(command)
+        run = measure(command)
+        seconds, anon, rss = run.seconds, run.anon, run.rss
         size = out.with_suffix(".bin").stat().st_size / gb
         print(
             f"fuse {label}: {seconds:.1f} s, peak RssAnon {anon / gb:.2f} GB, peak RSS {rss / gb:.2f} GB, "

@@ -1,35 +1,41 @@
-"""Verification at real scale: the default (proven) `moe-fusion fuse`, and `moe-fusion check`, on MoE layers at
-real models' shapes, against what OpenVINO itself takes to read and save the same model.
+"""Verification at real scale: the default (proven) `moe-fusion fuse`, and `moe-fusion check` in each mode, on
+MoE layers at real models' shapes, against what OpenVINO itself takes to read and save the same model.
 
 Builds per-expert loop layers (the optimum-intel 1.x export form; every expert's weights distinct, f16 behind
 a Convert marked `decompression` as `--weight-format fp16` exports are, or NNCF-style asymmetric int4 with
 group 128) at Qwen3-30B-A3B's shape (H 2048, I 768, 128 experts, top-8) and Mixtral-8x7B's (H 4096, I 14336,
 8 experts, top-2), and a chain of several Qwen3 layers (memory must be bounded by one layer, not the model).
-Each command runs in a subprocess; its peak RssAnon is summed over it and its worker processes.
+`fuse` runs with its proof, as users run it; then `check ORIGINAL FUSED --mode M` for the fused model and its
+lowered form. Each command runs in a subprocess; its peak RssAnon is summed over it and its worker processes.
 
     python benchmarks/verify_scale.py [--models qwen3-f16,qwen3-int4,mixtral-f16,mixtral-int4,qwen3-f16-x4]
-                                      [--dir /tmp/moe-verify] [--no-check]
+                                      [--modes whole,layers] [--forms fused,lowered] [--tokens 1,16,64]
+                                      [--dir /tmp/moe-verify] [--before CHECKOUT]
+
+`--before` also runs another checkout's `fuse` and `check` (e.g. the commit before this work) on the same
+files, as the baseline.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import openvino as ov
 import openvino.opset14 as ops
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from memory import measure
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from memory import Measured, measure  # noqa: E402
 
-from models import bench_models
-from moe_fusion.compressed import mark_decompression
+from models import bench_models  # noqa: E402
+from moe_fusion.compressed import mark_decompression  # noqa: E402
 
 MODELS = ("qwen3-f16", "qwen3-int4", "mixtral-f16", "mixtral-int4", "qwen3-f16-x4")
 GB = 1e9
@@ -74,42 +80,56 @@ def read_save_seconds(xml: Path, out: Path, repeats: int = 3) -> float:
         "import sys, openvino as ov; m = ov.Core().read_model(sys.argv[1]); "
         "ov.save_model(m, sys.argv[2], compress_to_fp16=False)"
     )
-    times = [measure([sys.executable, "-c", code, str(xml), str(out)])[0] for _ in range(repeats)]
+    times = [measure([sys.executable, "-c", code, str(xml), str(out)]).seconds for _ in range(repeats)]
+    for f in (out, out.with_suffix(".bin")):
+        f.unlink(missing_ok=True)
     return statistics.median(times)
+
+
+def cli(*args: str, checkout: Path = ROOT) -> list[str]:
+    code = f"import sys; sys.path.insert(0, {str(checkout)!r}); from moe_fusion.cli import main; main()"
+    return [sys.executable, "-c", code, *args]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--modes", default="whole,layers", help="check modes; empty: no check")
+    parser.add_argument("--forms", default="fused,lowered", help="what check compares the original with")
+    parser.add_argument("--tokens", default="1,16,64")
     parser.add_argument("--dir", type=Path, default=Path("/tmp/moe-verify"))
-    parser.add_argument("--no-check", action="store_true", help="skip `moe-fusion check`")
+    parser.add_argument("--before", type=Path, help="a checkout of moe-fusion whose fuse and check are the baseline")
     args = parser.parse_args()
     args.dir.mkdir(parents=True, exist_ok=True)
-    cli = [sys.executable, "-c", "from moe_fusion.cli import main; main()"]
-    rows = []
+    checkouts = [("", ROOT), *([(" (before)", args.before)] if args.before else [])]
+    print(f"CPU: {_cpu()}; load {os.getloadavg()[0]:.2f}")
+    print("| model | .bin GB | command | OV read+save s | wall s | / (read+save) | peak RssAnon GB | / .bin | result |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in args.models.split(","):
-        start = time.perf_counter()
         xml = build(name, args.dir)
         size = xml.with_suffix(".bin").stat().st_size
-        print(f"{name}: {size / GB:.2f} GB .bin (built in {time.perf_counter() - start:.0f} s)", flush=True)
         baseline = read_save_seconds(xml, args.dir / "resaved.xml")
-        fused = args.dir / f"{name}-fused.xml"
-        seconds, anon, _rss, code = measure([*cli, "fuse", str(xml), "-o", str(fused), "--force"], check=False)
-        rows.append((name, "fuse (proven)", size, baseline, seconds, anon, code))
-        if not args.no_check and code == 0:
-            seconds, anon, _rss, code = measure([*cli, "check", str(xml), str(fused)], check=False)
-            rows.append((name, "check", size, baseline, seconds, anon, code))
-        for f in (args.dir / "resaved.xml", args.dir / "resaved.bin"):
-            f.unlink(missing_ok=True)
+        row = functools.partial(_row, name, size, baseline)
 
-    print(f"\nCPU: {_cpu()}")
-    print("| model | command | .bin GB | OV read+save s | wall s | / (read+save) | peak RssAnon GB | / .bin | exit |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name, command, size, baseline, seconds, anon, code in rows:
-        print(
-            f"| {name} | {command} | {size / GB:.2f} | {baseline:.2f} | {seconds:.1f} | {seconds / baseline:.1f}x "
-            f"| {anon / GB:.2f} | {anon / size:.2f}x | {code} |"
-        )
+        forms = {"fused": args.dir / f"{name}-fused.xml", "lowered": args.dir / f"{name}-lowered.xml"}
+        for label, checkout in checkouts:
+            run = measure(cli("fuse", str(xml), "-o", str(forms["fused"]), "--force", checkout=checkout), check=False)
+            row(f"fuse (proven){label}", run)
+        if "lowered" in args.forms:
+            measure(cli("lower", str(forms["fused"]), "-o", str(forms["lowered"]), "--force"))
+        for form in [f for f in args.forms.split(",") if f and forms[f].exists()]:
+            for mode in [m for m in args.modes.split(",") if m]:
+                command = cli("check", str(xml), str(forms[form]), "--tokens", args.tokens, "--mode", mode)
+                row(f"check {form} --mode {mode}", measure(command, check=False))
+            if args.before:
+                command = cli("check", str(xml), str(forms[form]), "--tokens", args.tokens, checkout=args.before)
+                row(f"check {form} (before)", measure(command, check=False))
+
+
+def _row(name: str, size: int, baseline: float, command: str, run: Measured) -> None:
+    result = {0: "ok"}.get(run.code, f"exit {run.code}: {run.last_line[:90]}")
+    print(f"| {name} | {size / GB:.2f} | {command} | {baseline:.2f} | {run.seconds:.1f} | "
+          f"{run.seconds / baseline:.1f}x | {run.anon / GB:.2f} | {run.anon / size:.2f}x | {result} |", flush=True)
 
 
 def _cpu() -> str:

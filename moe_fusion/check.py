@@ -572,7 +572,7 @@ def _compare(
 
 MODES = ("whole", "layers")
 # Peak memory of whole mode per byte of the original's stored weights (its larger side compiled alone),
-# measured on this project's real-shape layers (benchmarks/check_scale.py): f16 2.0-2.1x (int4 1.6x);
+# measured on this project's real-shape layers (benchmarks/verify_scale.py): f16 2.0-2.1x (int4 1.6x);
 # a lowered f16 model's GatherMatmul (cpu target) reaches 4.1x, which this estimate does not foresee.
 WHOLE_MODE_BYTES = 2.0
 
