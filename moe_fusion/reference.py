@@ -2,17 +2,69 @@
 
 Only routed (token, expert) pairs are computed, grouped by expert, so the cost grows with T*K rather
 than T*E. Everything is computed in float32 whatever the storage type; the caller casts the result.
+Weights stay as stored (f16, bf16 bits, or anything lazily decompressed, see `ExpertWeights`) and are
+widened to float32 one expert at a time, so at most one f32 copy of an expert per worker thread is alive.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from threadpoolctl import ThreadpoolController
 
 GEMM3_SWIGLU = "gemm3_swiglu"
 GEMM2_BIAS_SWIGLU_CLAMP = "gemm2_bias_swiglu_clamp"
 EXPERT_TYPES = (GEMM3_SWIGLU, GEMM2_BIAS_SWIGLU_CLAMP)
+
+# Below this many weight elements to read (selected experts x elements per expert) one thread does it all:
+# tests and small layers skip the pool's overhead.
+_PARALLEL_ELEMENTS = 1 << 22
+# The CPUs this process may use, read at import: inside `evaluate` the CPU plugin has pinned the calling
+# thread to one core, and threads started there would inherit that pin.
+_CPUS = frozenset(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else frozenset()
+
+
+class ExpertWeights:
+    """Stacked weights of `shape` [E, ...] whose `[e]` calls `expert(e)`: e.g. int8/int4 codes decompressed
+    on demand, one expert at a time, instead of all experts materialised in float32."""
+
+    def __init__(self, shape: Sequence[int], expert: Callable[[int], np.ndarray]) -> None:
+        self.shape = tuple(int(d) for d in shape)
+        self._expert = expert
+
+    def __getitem__(self, e: int) -> np.ndarray:
+        return self._expert(int(e))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+
+def bf16_weights(bits: np.ndarray) -> ExpertWeights:
+    """bf16 weights as stored (their uint16 bits), widened exactly to float32 per expert."""
+    bits = bits.view(np.uint16)
+    return ExpertWeights(bits.shape, lambda e: (bits[e].astype(np.uint32) << 16).view(np.float32))
+
+
+def widen(weight: np.ndarray) -> np.ndarray:
+    """One expert's weight as float32: float32 as it is (no copy), f16 through OpenVINO's vectorised
+    conversion (numpy converts f16 one element at a time, ~3x slower here), anything else via numpy."""
+    if isinstance(weight, np.ndarray):
+        if weight.dtype == np.float32:
+            return weight
+        if weight.dtype == np.float16 and weight.flags.c_contiguous:
+            return _ov_constant()(weight, shared_memory=True).get_data(dtype=np.float32)
+    return np.asarray(weight, dtype=np.float32)
+
+
+@functools.cache
+def _ov_constant():
+    from openvino import op  # imported late: the kernel itself is numpy
+
+    return op.Constant
 
 
 def sigmoid(z: np.ndarray) -> np.ndarray:
@@ -46,16 +98,20 @@ def fused_experts(
     hidden_states: np.ndarray,
     routing_weights: np.ndarray,
     topk_indices: np.ndarray,
-    weights: Sequence[np.ndarray],
+    weights: Sequence[np.ndarray | ExpertWeights],
     expert_type: str = GEMM3_SWIGLU,
     expert_alpha: float = 0.0,
     expert_beta: float = 1.0,
     gate_idx: int = 0,
+    threads: int | None = None,
 ) -> np.ndarray:
     """out[t] = sum_j routing_weights[t, j] * expert_{topk_indices[t, j]}(x[t]), as float32 [..., H].
 
     `weights` are stacked per expert, [E, in, out] matrices and [E, out] biases, in the input order of
-    FusedExperts (after topk_indices). Any array type whose `[e]` gives a float-convertible slice works.
+    FusedExperts (after topk_indices). Any array type whose `[e]` gives a float-convertible slice works
+    (numpy f32/f16 arrays, `ExpertWeights`); each selected expert is widened to f32 when it runs.
+    `threads`: experts run on that many threads (default: the CPUs this process may use, for layers
+    large enough to gain), each with single-threaded BLAS; the result does not depend on it.
     """
     hidden = hidden_states.shape[-1]
     x = np.asarray(hidden_states, dtype=np.float32).reshape(-1, hidden)
@@ -67,16 +123,55 @@ def fused_experts(
         bad = idx[(idx < 0) | (idx >= num_experts)][0]
         raise ValueError(f"topk_indices holds {bad}, outside the {num_experts} experts [0, {num_experts})")
 
-    # Sort the T*K routing slots by expert so each expert runs once on all its rows.
+    # Sort the T*K routing slots by expert so each expert runs once on a contiguous run of rows, gathered
+    # once for all experts; rows are scattered back to slot order at the end.
     flat = idx.ravel()
     order = np.argsort(flat, kind="stable")
     counts = np.bincount(flat, minlength=num_experts)
     ends = np.cumsum(counts)
-    contrib = np.zeros((tokens * top_k, hidden), dtype=np.float32)
-    for e in np.flatnonzero(counts):
-        slots = order[ends[e] - counts[e] : ends[e]]
-        expert_weights = [np.asarray(w[e], dtype=np.float32) for w in weights]
-        y = expert_forward(x[slots // top_k], expert_weights, expert_type, expert_alpha, expert_beta, gate_idx)
-        contrib[slots] = y * rw[slots]
+    rows = x[order // top_k]
+    scaled = np.empty((tokens * top_k, hidden), dtype=np.float32)
+    sorted_rw = rw[order]
+
+    def run(e: int) -> None:
+        begin, end = ends[e] - counts[e], ends[e]
+        expert_weights = [widen(w[e]) for w in weights]
+        y = expert_forward(rows[begin:end], expert_weights, expert_type, expert_alpha, expert_beta, gate_idx)
+        np.multiply(y, sorted_rw[begin:end], out=scaled[begin:end])
+
+    selected = np.flatnonzero(counts).tolist()
+    per_expert = sum(int(np.prod(w.shape[1:])) for w in weights)
+    workers = min(len(selected), threads or len(_CPUS) or 1)
+    if workers > 1 and (threads or per_expert * len(selected) >= _PARALLEL_ELEMENTS):
+        # Experts in parallel, BLAS on one thread each: numpy's BLAS threads inside `evaluate` share the
+        # one core the plugin pinned the caller to, and run ~20x slower (docs/fused_experts.md).
+        with _blas_single_threaded():
+            list(_pool(workers).map(run, selected))
+    else:
+        for e in selected:
+            run(e)
+    contrib = np.empty_like(scaled)
+    contrib[order] = scaled
     out = contrib.reshape(tokens, top_k, hidden).sum(axis=1)
     return out.reshape(hidden_states.shape)
+
+
+@functools.cache
+def _controller() -> ThreadpoolController:
+    return ThreadpoolController()
+
+
+def _blas_single_threaded():
+    return _controller().limit(limits=1, user_api="blas")
+
+
+@functools.cache
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """A pool kept for the process; its threads may run on every CPU the process may use, wherever the
+    pool was first made (inside `evaluate` the caller is pinned to one core)."""
+    return ThreadPoolExecutor(workers, thread_name_prefix="fused-experts", initializer=_unpin)
+
+
+def _unpin() -> None:
+    if _CPUS:
+        os.sched_setaffinity(0, _CPUS)  # pid 0: this thread only
