@@ -8,9 +8,11 @@ widened to float32 one expert at a time, so at most one f32 copy of an expert pe
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -156,19 +158,45 @@ def fused_experts(
     return out.reshape(hidden_states.shape)
 
 
+_blas = {"lock": threading.Lock(), "users": 0, "limiter": None}
+
+
+@contextlib.contextmanager
+def _blas_single_threaded() -> Iterator[None]:
+    """BLAS on one thread while any kernel call runs on the pool; the first call in limits it (process-wide,
+    as BLAS's setting is), the last one out restores it, however concurrent calls interleave."""
+    with _blas["lock"]:
+        if _blas["users"] == 0:
+            _blas["limiter"] = _controller().limit(limits=1, user_api="blas")
+        _blas["users"] += 1
+    try:
+        yield
+    finally:
+        with _blas["lock"]:
+            _blas["users"] -= 1
+            if _blas["users"] == 0:
+                _blas["limiter"].restore_original_limits()
+
+
 @functools.cache
 def _controller() -> ThreadpoolController:
     return ThreadpoolController()
 
 
-def _blas_single_threaded():
-    return _controller().limit(limits=1, user_api="blas")
-
-
-@functools.cache
 def _pool(workers: int) -> ThreadPoolExecutor:
-    """A pool kept for the process; its threads may run on every CPU the process may use, wherever the
-    pool was first made (inside `evaluate` the caller is pinned to one core)."""
+    """A pool kept for the process (a forked child makes its own: the parent's threads are not there)."""
+    key = (workers, os.getpid())
+    if key not in _pools:
+        _pools[key] = _new_pool(workers)
+    return _pools[key]
+
+
+_pools: dict[tuple[int, int], ThreadPoolExecutor] = {}
+
+
+def _new_pool(workers: int) -> ThreadPoolExecutor:
+    """Its threads may run on every CPU the process may use, wherever the pool is made (inside `evaluate`
+    the caller is pinned to one core, and threads inherit their maker's pin)."""
     return ThreadPoolExecutor(workers, thread_name_prefix="fused-experts", initializer=_unpin)
 
 

@@ -116,7 +116,7 @@ def test_pool_threads_run_on_every_cpu_even_when_made_from_a_pinned_thread():
 
     def make_pool_pinned():
         os.sched_setaffinity(0, pinned)
-        pool = reference._pool.__wrapped__(2)  # a fresh pool, made from the pinned thread
+        pool = reference._new_pool(2)  # a fresh pool, made from the pinned thread
         results["workers"] = {frozenset(a) for a in pool.map(lambda _: os.sched_getaffinity(0), range(8))}
         pool.shutdown()
 
@@ -141,3 +141,27 @@ def test_evaluate_on_the_thread_pool_equals_a_direct_call(rng):
     got = compiled([x, rw, idx])[0]
     np.testing.assert_array_equal(got, fused_experts(x, rw, idx, experts.weights))
     np.testing.assert_array_equal(got, fused_experts(x, rw, idx, experts.weights, threads=1))
+
+
+def _run_in_child(args):
+    return fused_experts(*args, threads=2)
+
+
+def test_pool_after_fork_and_blas_threads_restored_after_concurrent_calls(rng):
+    """A forked child (the fuzzing harness's workers) gets its own pool instead of waiting forever on the
+    parent's threads; concurrent calls leave BLAS's thread count as it was."""
+    import multiprocessing
+    from concurrent.futures import ThreadPoolExecutor
+
+    from threadpoolctl import threadpool_info
+
+    x, rw, idx, weights, attrs = case(GEMM3_SWIGLU, rng)
+    args = (x, rw, idx, weights, *attrs)
+    blas_threads = [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+    want = fused_experts(*args, threads=2)  # the parent's pool exists now
+    with multiprocessing.get_context("fork").Pool(1) as child:
+        np.testing.assert_array_equal(child.apply_async(_run_in_child, (args,)).get(timeout=60), want)
+    with ThreadPoolExecutor(4) as callers:
+        for got in callers.map(lambda _: fused_experts(*args, threads=2), range(16)):
+            np.testing.assert_array_equal(got, want)
+    assert [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"] == blas_threads
