@@ -101,7 +101,9 @@ def test_widen_keeps_f32_and_converts_f16_exactly():
     assert widen(w[1]) is w[1] or np.shares_memory(widen(w[1]), w)  # f32: no copy
     half = w.astype(np.float16)
     special = np.array([[0.0, -0.0, np.inf, -np.inf], [np.nan, 6e-8, -6e-5, 65504]], np.float16)  # subnormals too
-    for slice_ in (half[2], half[2].T, special):
+    big = np.random.default_rng(1).standard_normal((300, 250)).astype(np.float16)  # OpenVINO's conversion
+    big[0, :8] = special.ravel()
+    for slice_ in (half[2], half[2].T, special, big, big.T):
         got = widen(slice_)
         assert got.dtype == np.float32
         np.testing.assert_array_equal(got, slice_.astype(np.float32))
