@@ -95,12 +95,18 @@ def int4_experts(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> Expe
     packed = codes[..., 0::2] | (codes[..., 1::2] << 4)  # what a u4 Constant stores
     scale32, zero8 = scale.astype(np.float32), zero.astype(np.int8)
 
+    local = threading.local()  # per thread, buffers reused expert after expert (see ExpertWeights)
+
     def expert(i: int) -> np.ndarray:
-        q = np.take(_NIBBLES, packed[i]).view(np.int8).reshape(out, groups, group)
+        if not hasattr(local, "codes"):
+            local.codes = np.empty((out, groups, group // 2), _NIBBLES.dtype)
+            local.values = np.empty((out, groups, group), np.float32)
+        np.take(_NIBBLES, packed[i], out=local.codes)
+        q = local.codes.view(np.int8).reshape(out, groups, group)
         q -= zero8[i]  # codes and zero points are 0..15: exact in int8
-        w = q.astype(np.float32)
-        w *= scale32[i]
-        return w.reshape(out, groups * group).T
+        np.copyto(local.values, q)
+        local.values *= scale32[i]
+        return local.values.reshape(out, groups * group).T
 
     return ExpertWeights((e, groups * group, out), expert)
 

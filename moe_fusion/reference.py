@@ -25,7 +25,8 @@ EXPERT_TYPES = (GEMM3_SWIGLU, GEMM2_BIAS_SWIGLU_CLAMP)
 # Below this many weight elements to read (selected experts x elements per expert) one thread does it all:
 # tests and small layers skip the pool's overhead.
 _PARALLEL_ELEMENTS = 1 << 22
-# Smaller f16 weights convert faster in numpy than through an OpenVINO Constant (~10 us to make).
+# f16 converts through OpenVINO in chunks of this many elements (fewer: numpy is faster than making a
+# Constant, ~10 us; many more: each chunk's fresh pages fault).
 _OV_CONVERT_ELEMENTS = 1 << 16
 # The CPUs this process may use, read at import: inside `evaluate` the CPU plugin has pinned the calling
 # thread to one core, and threads started there would inherit that pin.
@@ -34,7 +35,11 @@ _CPUS = frozenset(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") e
 
 class ExpertWeights:
     """Stacked weights of `shape` [E, ...] whose `[e]` calls `expert(e)`: e.g. int8/int4 codes decompressed
-    on demand, one expert at a time, instead of all experts materialised in float32."""
+    on demand, one expert at a time, instead of all experts materialised in float32.
+
+    The kernel is done with the array `[e]` returned before it asks the same thread for another expert of
+    the same weights, so `expert` may fill and return a buffer it keeps per thread (see `bf16_weights`):
+    fresh pages cost more than the decompression (page faults, ~4 ns per element in this VM)."""
 
     def __init__(self, shape: Sequence[int], expert: Callable[[int], np.ndarray]) -> None:
         self.shape = tuple(int(d) for d in shape)
@@ -50,21 +55,44 @@ class ExpertWeights:
 def bf16_weights(bits: np.ndarray) -> ExpertWeights:
     """bf16 weights as stored (their uint16 bits), widened exactly to float32 per expert."""
     bits = bits.view(np.uint16)
-    return ExpertWeights(bits.shape, lambda e: (bits[e].astype(np.uint32) << 16).view(np.float32))
+    local = threading.local()
+
+    def expert(e: int) -> np.ndarray:
+        out = _scratch(local, "bf16", bits.shape[1:], np.uint32)
+        np.left_shift(bits[e], 16, out=out, dtype=np.uint32)  # bf16 is the high half of a float32
+        return out.view(np.float32)
+
+    return ExpertWeights(bits.shape, expert)
 
 
-def widen(weight: np.ndarray) -> np.ndarray:
-    """One expert's weight as float32: float32 as it is (no copy), f16 through OpenVINO's vectorised
-    conversion (numpy converts f16 one element at a time, ~3x slower here), anything else via numpy."""
-    if isinstance(weight, np.ndarray):
-        if weight.dtype == np.float32:
-            return weight
-        if weight.dtype == np.float16 and weight.size >= _OV_CONVERT_ELEMENTS:
-            if weight.flags.c_contiguous:
-                return _ov_constant()(weight, shared_memory=True).get_data(dtype=np.float32)
-            if weight.T.flags.c_contiguous:  # an out-major [out, in] slice seen as [in, out]
-                return _ov_constant()(weight.T, shared_memory=True).get_data(dtype=np.float32).T
-    return np.asarray(weight, dtype=np.float32)
+def widen(weight: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """One expert's weight as float32: float32 as it is (no copy); f16 through OpenVINO's conversion in
+    chunks (numpy converts f16 one element at a time, ~2x slower), into `out` when given (C-contiguous
+    float32 of `weight.shape`, or of its transpose for an out-major slice); anything else via numpy."""
+    if not isinstance(weight, np.ndarray) or weight.dtype == np.float32:
+        return np.asarray(weight, dtype=np.float32)
+    transposed = weight.ndim == 2 and not weight.flags.c_contiguous and weight.T.flags.c_contiguous
+    source = weight.T if transposed else weight  # an out-major [out, in] slice seen as [in, out]
+    if out is None or out.shape != source.shape:
+        out = np.empty(source.shape, np.float32)
+    if weight.dtype == np.float16 and weight.size >= _OV_CONVERT_ELEMENTS and source.flags.c_contiguous:
+        rows, flat = source.reshape(len(source), -1), out.reshape(len(out), -1)
+        step = max(1, _OV_CONVERT_ELEMENTS // rows.shape[1])  # small chunks reuse freed memory: no page faults
+        constant = _ov_constant()
+        for r in range(0, len(rows), step):
+            flat[r : r + step] = constant(rows[r : r + step], shared_memory=True).get_data(dtype=np.float32)
+    else:
+        np.copyto(out, source)
+    return out.T if transposed else out
+
+
+def _scratch(local: threading.local, key: object, shape: tuple[int, ...], dtype: type = np.float32) -> np.ndarray:
+    """A buffer of `shape` kept per thread in `local` under `key`, reused while the shape stays."""
+    buffers = local.__dict__.setdefault("buffers", {})
+    buffer = buffers.get(key)
+    if buffer is None or buffer.shape != tuple(shape) or buffer.dtype != dtype:
+        buffer = buffers[key] = np.empty(shape, dtype)
+    return buffer
 
 
 @functools.cache
@@ -72,6 +100,11 @@ def _ov_constant():
     from openvino import op  # imported late: the kernel itself is numpy
 
     return op.Constant
+
+
+# Per thread, the f32 copy of the expert it runs, one buffer per weight input: at most one expert in f32 per
+# thread (Qwen3-30B-A3B: 19 MB), reused from call to call.
+_WIDENED = threading.local()
 
 
 def sigmoid(z: np.ndarray) -> np.ndarray:
@@ -142,7 +175,7 @@ def fused_experts(
 
     def run(e: int) -> None:
         begin, end = ends[e] - counts[e], ends[e]
-        expert_weights = [widen(w[e]) for w in weights]
+        expert_weights = [widen(w[e], _scratch_for(i, w)) for i, w in enumerate(weights)]
         y = expert_forward(rows[begin:end], expert_weights, expert_type, expert_alpha, expert_beta, gate_idx)
         np.multiply(y, sorted_rw[begin:end], out=scaled[begin:end])
 
@@ -181,6 +214,16 @@ def _blas_single_threaded() -> Iterator[None]:
             _blas["users"] -= 1
             if _blas["users"] == 0:
                 _blas["limiter"].restore_original_limits()
+
+
+def _scratch_for(slot: int, weight) -> np.ndarray | None:
+    """This thread's buffer for widening input `slot` (f16 stacks only: f32 needs none, others bring theirs)."""
+    if not (isinstance(weight, np.ndarray) and weight.dtype == np.float16):
+        return None
+    shape = weight.shape[1:]
+    if len(shape) == 2 and not weight[0].flags.c_contiguous:  # out-major slices: widened as stored
+        shape = shape[::-1]
+    return _scratch(_WIDENED, slot, shape)
 
 
 @functools.cache

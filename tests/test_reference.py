@@ -107,6 +107,11 @@ def test_widen_keeps_f32_and_converts_f16_exactly():
         got = widen(slice_)
         assert got.dtype == np.float32
         np.testing.assert_array_equal(got, slice_.astype(np.float32))
+        buffer = np.full(slice_.T.shape if slice_.flags.f_contiguous and slice_.ndim == 2 and not
+                         slice_.flags.c_contiguous else slice_.shape, np.nan, np.float32)
+        again = widen(slice_, out=buffer)  # into a kept buffer (the kernel's per-thread one)
+        assert np.shares_memory(again, buffer)
+        np.testing.assert_array_equal(again, slice_.astype(np.float32))
 
 
 @pytest.mark.skipif(len(reference._CPUS) < 2, reason="needs 2 CPUs to see a pin")
