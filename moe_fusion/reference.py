@@ -151,7 +151,7 @@ def fused_experts(
     FusedExperts (after topk_indices). Any array type whose `[e]` gives a float-convertible slice works
     (numpy f32/f16 arrays, `ExpertWeights`); each selected expert is widened to f32 when it runs.
     `threads`: experts run on that many threads (default: the CPUs this process may use, for layers
-    large enough to gain), each with single-threaded BLAS; the result does not depend on it.
+    large enough to gain), BLAS on one thread; the result does not depend on it.
     """
     hidden = hidden_states.shape[-1]
     x = np.asarray(hidden_states, dtype=np.float32).reshape(-1, hidden)
@@ -182,14 +182,15 @@ def fused_experts(
     selected = np.flatnonzero(counts).tolist()
     per_expert = sum(int(np.prod(w.shape[1:])) for w in weights)
     workers = min(len(selected), threads or len(_CPUS) or 1)
-    if workers > 1 and (threads or per_expert * len(selected) >= _PARALLEL_ELEMENTS):
-        # Experts in parallel, BLAS on one thread each: numpy's BLAS threads inside `evaluate` share the
-        # one core the plugin pinned the caller to, and run ~20x slower (docs/fused_experts.md).
-        with _blas_single_threaded():
+    # BLAS on one thread, always: parallelism comes from running experts side by side. Inside `evaluate` the
+    # CPU plugin has pinned the caller to one core, and BLAS threads started from there share it (~20x
+    # slower, docs/fused_experts.md); results do not depend on the thread count either.
+    with _blas_single_threaded():
+        if workers > 1 and (threads or per_expert * len(selected) >= _PARALLEL_ELEMENTS):
             list(_pool(workers).map(run, selected))
-    else:
-        for e in selected:
-            run(e)
+        else:
+            for e in selected:
+                run(e)
     contrib = np.empty_like(scaled)
     contrib[order] = scaled
     out = contrib.reshape(tokens, top_k, hidden).sum(axis=1)
@@ -201,7 +202,7 @@ _blas = {"lock": threading.Lock(), "users": 0, "limiter": None}
 
 @contextlib.contextmanager
 def _blas_single_threaded() -> Iterator[None]:
-    """BLAS on one thread while any kernel call runs on the pool; the first call in limits it (process-wide,
+    """BLAS on one thread while any kernel call runs; the first call in limits it (process-wide,
     as BLAS's setting is), the last one out restores it, however concurrent calls interleave."""
     with _blas["lock"]:
         if _blas["users"] == 0:
