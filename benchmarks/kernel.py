@@ -82,10 +82,6 @@ def router(weights: LayerWeights, x: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return rw.astype(np.float32), idx
 
 
-# byte -> its two 4-bit codes as two int8 (low nibble first), as one uint16 to gather
-_NIBBLES = ((np.arange(256) & 15) | ((np.arange(256) >> 4) << 8)).astype("<u2")
-
-
 def int4_experts(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> ExpertWeights:
     """int4 weights as stored (codes [E, out, groups, group] packed two per byte, low nibble first; f16
     scale and zero point per group), decompressed per expert to f32 `(code - zero) * scale`, `[in, out]`
@@ -95,17 +91,14 @@ def int4_experts(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> Expe
     packed = codes[..., 0::2] | (codes[..., 1::2] << 4)  # what a u4 Constant stores
     scale32, zero8 = scale.astype(np.float32), zero.astype(np.int8)
 
-    local = threading.local()  # per thread, buffers reused expert after expert (see ExpertWeights)
+    local = threading.local()  # per thread, a buffer reused expert after expert (see ExpertWeights)
 
     def expert(i: int) -> np.ndarray:
-        if not hasattr(local, "codes"):
-            local.codes = np.empty((out, groups, group // 2), _NIBBLES.dtype)
+        if not hasattr(local, "values"):
             local.values = np.empty((out, groups, group), np.float32)
-        np.take(_NIBBLES, packed[i], out=local.codes)
-        q = local.codes.view(np.int8).reshape(out, groups, group)
-        q -= zero8[i]  # codes and zero points are 0..15: exact in int8
-        np.copyto(local.values, q)
-        local.values *= scale32[i]
+        codes = np.stack((packed[i] & 15, packed[i] >> 4), axis=-1).view(np.int8).reshape(out, groups, group)
+        codes -= zero8[i]  # codes and zero points are 0..15: exact in int8
+        np.multiply(codes, scale32[i], out=local.values)
         return local.values.reshape(out, groups * group).T
 
     return ExpertWeights((e, groups * group, out), expert)
