@@ -102,11 +102,6 @@ def _ov_constant():
     return op.Constant
 
 
-# Per thread, the f32 copy of the expert it runs, one buffer per weight input: at most one expert in f32 per
-# thread (Qwen3-30B-A3B: 19 MB), reused from call to call.
-_WIDENED = threading.local()
-
-
 def sigmoid(z: np.ndarray) -> np.ndarray:
     # tanh form: no overflow warnings for large |z|, within an ulp of 1 / (1 + exp(-z)).
     return 0.5 * (1.0 + np.tanh(0.5 * z))
@@ -175,9 +170,10 @@ def fused_experts(
 
     def run(e: int) -> None:
         begin, end = ends[e] - counts[e], ends[e]
-        expert_weights = [widen(w[e], _scratch_for(i, w)) for i, w in enumerate(weights)]
-        y = expert_forward(rows[begin:end], expert_weights, expert_type, expert_alpha, expert_beta, gate_idx)
-        np.multiply(y, sorted_rw[begin:end], out=scaled[begin:end])
+        with _widening_buffers() as buffers:
+            expert_weights = [widen(w[e], _buffer(buffers, i, w)) for i, w in enumerate(weights)]
+            y = expert_forward(rows[begin:end], expert_weights, expert_type, expert_alpha, expert_beta, gate_idx)
+            np.multiply(y, sorted_rw[begin:end], out=scaled[begin:end])
 
     selected = np.flatnonzero(counts).tolist()
     per_expert = sum(int(np.prod(w.shape[1:])) for w in weights)
@@ -191,6 +187,7 @@ def fused_experts(
         else:
             for e in selected:
                 run(e)
+    _trim_widening_buffers()
     contrib = np.empty_like(scaled)
     contrib[order] = scaled
     out = contrib.reshape(tokens, top_k, hidden).sum(axis=1)
@@ -217,14 +214,41 @@ def _blas_single_threaded() -> Iterator[None]:
                 _blas["limiter"].restore_original_limits()
 
 
-def _scratch_for(slot: int, weight) -> np.ndarray | None:
-    """This thread's buffer for widening input `slot` (f16 stacks only: f32 needs none, others bring theirs)."""
+# Sets of f32 buffers (one per weight input) that f16 experts are widened into, each lent to one running
+# expert at a time: as many sets as experts ever ran at once. Kept between calls up to _KEEP_BYTES (the
+# Qwen3-30B-A3B layer: 19 MB per set), as fresh pages per call cost more than the widening (page faults).
+_spare_buffers: list[dict] = []
+_spare_lock = threading.Lock()
+_KEEP_BYTES = 1 << 28
+
+
+@contextlib.contextmanager
+def _widening_buffers() -> Iterator[dict]:
+    with _spare_lock:
+        buffers = _spare_buffers.pop() if _spare_buffers else {}
+    try:
+        yield buffers
+    finally:
+        with _spare_lock:
+            _spare_buffers.append(buffers)
+
+
+def _trim_widening_buffers() -> None:
+    with _spare_lock:
+        if sum(b.nbytes for buffers in _spare_buffers for b in buffers.values()) > _KEEP_BYTES:
+            _spare_buffers.clear()
+
+
+def _buffer(buffers: dict, slot: int, weight) -> np.ndarray | None:
+    """The buffer to widen input `slot`'s expert into (f16 stacks only: f32 needs none, others bring theirs)."""
     if not (isinstance(weight, np.ndarray) and weight.dtype == np.float16):
         return None
     shape = weight.shape[1:]
-    if len(shape) == 2 and not weight[0].flags.c_contiguous:  # out-major slices: widened as stored
+    if len(shape) == 2 and not weight[0].flags.c_contiguous:  # out-major slices are widened as stored
         shape = shape[::-1]
-    return _scratch(_WIDENED, slot, shape)
+    if slot not in buffers or buffers[slot].shape != shape:
+        buffers[slot] = np.empty(shape, np.float32)
+    return buffers[slot]
 
 
 @functools.cache

@@ -172,3 +172,20 @@ def test_pool_after_fork_and_blas_threads_restored_after_concurrent_calls(rng):
         for got in callers.map(lambda _: fused_experts(*args, threads=2), range(16)):
             np.testing.assert_array_equal(got, want)
     assert [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"] == blas_threads
+
+
+def test_widening_buffers_kept_between_calls_up_to_a_cap(rng, monkeypatch):
+    """f16 experts are widened into buffers lent from call to call (fresh pages per call cost more than the
+    widening), unless they would hold more than the cap; either way results are unchanged."""
+    x, rw, idx, weights, attrs = case(GEMM3_SWIGLU, rng)
+    half = [w.astype(np.float16) for w in weights]
+    want = fused_experts(x, rw, idx, [w.astype(np.float32) for w in half], *attrs)
+    monkeypatch.setattr(reference, "_spare_buffers", [])
+    np.testing.assert_array_equal(fused_experts(x, rw, idx, half, *attrs, threads=1), want)
+    (kept,) = reference._spare_buffers
+    assert sorted(b.shape for b in kept.values()) == [(H, I), (H, I), (I, H)]
+    np.testing.assert_array_equal(fused_experts(x, rw, idx, half, *attrs, threads=1), want)
+    assert reference._spare_buffers == [kept]  # the same set, reused
+    monkeypatch.setattr(reference, "_KEEP_BYTES", 100)
+    np.testing.assert_array_equal(fused_experts(x, rw, idx, half, *attrs, threads=1), want)
+    assert reference._spare_buffers == []
