@@ -592,6 +592,8 @@ def available_memory() -> int:
     except OSError:
         pass
     return 1 << 62
+
+
 FUSED_EXPERTS = ("auto", "run", "lower")
 
 

@@ -38,7 +38,7 @@ import openvino.opset14 as ops
 
 from moe_fusion import isolate, mapped
 from moe_fusion.block import MoEBlock, Weight
-from moe_fusion.check import F32, token_shape
+from moe_fusion.check import F32, available_memory, token_shape
 from moe_fusion.compressed import Compressed
 from moe_fusion.io import core
 from moe_fusion.io import first_line as _first_line
@@ -349,7 +349,8 @@ def _batches(block: MoEBlock, cases: list[_Case]) -> list[list[_Case]]:
     token: 151 MB at Qwen3-30B-A3B's shape)."""
     rest, limit = cases[1:], sum(len(c.rows) for c in cases[1:])
     if block.bytes_per_token:
-        limit = max(1, int(_available_memory() * ROWS_MEMORY_SHARE) // block.bytes_per_token)
+        memory = min(available_memory(), 64 << 30)  # "unknown" is no limit there: take 64 GB
+        limit = max(1, int(memory * ROWS_MEMORY_SHARE) // block.bytes_per_token)
     pieces, piece, room = [], [], limit
     for case in rest:
         start = 0
@@ -362,18 +363,6 @@ def _batches(block: MoEBlock, cases: list[_Case]) -> list[list[_Case]]:
                 pieces.append(piece)
                 piece, room = [], limit
     return [cases[:1], *pieces, *([piece] if piece else [])]
-
-
-def _available_memory() -> int:
-    """MemAvailable (Linux); elsewhere 8 GB."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 8 << 30
 
 
 class _NotTokenRows(ValueError):

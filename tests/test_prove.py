@@ -182,7 +182,7 @@ def test_a_block_holding_memory_per_token_is_proven_in_pieces_that_fit(monkeypat
 
     _model, block = first_block("direct-mixtral")
     assert block.bytes_per_token > 0
-    monkeypatch.setattr(prove_module, "_available_memory", lambda: int(10 * block.bytes_per_token / 0.2) + 1)
+    monkeypatch.setattr(prove_module, "available_memory", lambda: int(10 * block.bytes_per_token / 0.2) + 1)
     pieces = []
     real = prove_module._batches
     monkeypatch.setattr(prove_module, "_batches", lambda b, cases: pieces.extend(real(b, cases)) or pieces)
