@@ -2,7 +2,13 @@
 
 Targets (docs/lowering.md has the measurements behind the default):
 
-- `cpu` (default): `tiled` where the plugin turns it into GatherMatmul, `grouped` where it would not
+- `auto` (default): chosen per block at lowering time for the CPU lowering runs on (`CpuFacts`, injectable):
+  with AMX and bf16 inference what `cpu` does; otherwise `per-expert`. GatherMatmul's multi-token path is
+  one AMX GEMM per expert only in that mode; elsewhere it runs one GEMV per routed row, which makes prefill
+  3-13x slower than per-expert GEMMs, while per-expert reads the same weight bytes at decode and compiles
+  and holds less. The choice, its reason and the CPU facts are recorded in the model's rt_info
+  (`moe_fusion/lowering/...`).
+- `cpu`: `tiled` where the plugin turns it into GatherMatmul, `grouped` where it would not
   (`tiled_reason`: GEMM2 with all-zero biases, a swish beta other than 1 in GEMM3).
 - `tiled`: the tiled MoE block the CPU plugin's `ConvertTiledMoeBlockToGatherMatmuls` matches (x86-64) and
   turns into `GatherMatmul` (`GatherMatmulCompressed` for int8/int4 weights), which computes only the top-k
@@ -28,6 +34,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import openvino as ov
@@ -38,15 +45,18 @@ import openvino.opset17 as ops17
 from openvino.utils.node_factory import NodeFactory
 
 from moe_fusion.compressed import mark_decompression
+from moe_fusion.io import core
 from moe_fusion.reference import GEMM2_BIAS_SWIGLU_CLAMP, GEMM3_SWIGLU
 
 FUSED_EXPERTS = "FusedExperts"
+AUTO = "auto"
 CPU = "cpu"
 TILED = "tiled"
 GROUPED = "grouped"
 PER_EXPERT = "per-expert"
-TARGETS = (CPU, TILED, GROUPED, PER_EXPERT)
-DEFAULT_TARGET = CPU
+TARGETS = (AUTO, CPU, TILED, GROUPED, PER_EXPERT)
+DEFAULT_TARGET = AUTO
+RT_INFO = "moe_fusion"  # the lowered model's rt_info: moe_fusion/lowering/{target,forms,reason,cpu}
 _I64_MAX = np.iinfo(np.int64).max
 _OPSET4 = NodeFactory("opset4")
 
@@ -55,40 +65,73 @@ class LowerError(ValueError):
     """A FusedExperts that cannot be lowered to the requested target."""
 
 
+@dataclass(frozen=True)
+class CpuFacts:
+    """What the `auto` target asks of the CPU the model will run on (detected, or given to pin a choice)."""
+
+    amx: bool  # AMX tiles with bf16 (amx_bf16): GatherMatmul can run each expert's rows as one AMX GEMM
+    precision: str  # the CPU plugin's default INFERENCE_PRECISION_HINT (bf16 on AMX CPUs, f32 on most others)
+    name: str = ""
+
+    @classmethod
+    def detect(cls) -> CpuFacts:
+        """This machine's CPU: AMX from the kernel's CPU flags (none readable: assumed absent, the choice
+        that is right on most CPUs), precision and name from OpenVINO's CPU plugin."""
+        try:
+            flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                         if line.startswith("flags")).split()
+        except (OSError, StopIteration):
+            flags = []
+        device = core()
+        return cls(amx="amx_bf16" in flags and "amx_tile" in flags,
+                   precision=device.get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name(),
+                   name=str(device.get_property("CPU", "FULL_DEVICE_NAME")))
+
+    def describe(self) -> str:
+        return f"{self.name or 'CPU'}: {'AMX' if self.amx else 'no AMX'}, {self.precision} inference"
+
+
 @dataclass
 class LowerReport:
     target: str
     lowered: dict[str, str] = field(default_factory=dict)  # FusedExperts name -> form (tiled/grouped/per-expert)
     seconds: float = 0.0
+    reasons: dict[str, str] = field(default_factory=dict)  # form -> why `auto` chose it
+    cpu: CpuFacts | None = None  # what `auto` decided for
 
     def summary(self) -> str:
         forms = ", ".join(f"{n} {f}" for f, n in sorted(Counter(self.lowered.values()).items()))
-        return f"{len(self.lowered)} FusedExperts lowered for {self.target} ({forms or 'none'}) in {self.seconds:.2f} s"
+        chosen = f"; {self.cpu.describe()}" if self.cpu else ""
+        return (f"{len(self.lowered)} FusedExperts lowered for {self.target} ({forms or 'none'}{chosen}) "
+                f"in {self.seconds:.2f} s")
 
 
 def fused_experts_nodes(model: ov.Model) -> list[ov.Node]:
     return [n for n in model.get_ordered_ops() if n.get_type_name() == FUSED_EXPERTS]
 
 
-def lower(model: ov.Model, target: str = DEFAULT_TARGET, *, copy_weights: bool = True) -> LowerReport:
+def lower(model: ov.Model, target: str = DEFAULT_TARGET, *, copy_weights: bool = True,
+          cpu: CpuFacts | None = None) -> LowerReport:
     """Replace every FusedExperts of `model` in place by native ops of `target` (see TARGETS).
 
-    `copy_weights`: store plain (or Convert-ed) constant weights out-major, transposed once here in numpy;
-    False inserts a Transpose instead, which the plugin folds at every compile (benchmarks/lowering.py
-    measures both)."""
+    `cpu`: the CPU `auto` decides for (default: this machine's, `CpuFacts.detect()`); ignored by the other
+    targets. `copy_weights`: store plain (or Convert-ed) constant weights out-major, transposed once here in
+    numpy; False inserts a Transpose instead, which the plugin folds at every compile (benchmarks/lowering.py
+    measures both). The model's rt_info records the target, the forms and, for `auto`, why and for which CPU."""
     if target not in TARGETS:
         raise LowerError(f"lowering target {target!r} is unknown; expected one of {', '.join(TARGETS)}")
     start = time.perf_counter()
-    report = LowerReport(target)
-    for node in fused_experts_nodes(model):
+    nodes = fused_experts_nodes(model)
+    report = LowerReport(target, cpu=(cpu or CpuFacts.detect()) if target == AUTO and nodes else None)
+    for node in nodes:
+        form = target
+        if target == AUTO:
+            form, report.reasons[form] = choose_form(node, report.cpu)
+        if form == CPU:
+            form = TILED if tiled_reason(_Experts(node, False)) == "" else GROUPED
         # per-expert slices the weights itself (one copy per expert): no stacked out-major copy first
-        experts = _Experts(node, copy_weights and target != PER_EXPERT)
-        if target == PER_EXPERT:
-            form, replacement = PER_EXPERT, _per_expert(experts)
-        elif target == TILED or (target == CPU and tiled_reason(experts) == ""):
-            form, replacement = TILED, _tiled(experts)
-        else:
-            form, replacement = GROUPED, _grouped(experts)
+        experts = _Experts(node, copy_weights and form != PER_EXPERT)
+        replacement = {PER_EXPERT: _per_expert, TILED: _tiled, GROUPED: _grouped}[form](experts)
         output = node.output(0)
         names = output.get_names()
         output.replace(replacement)
@@ -97,8 +140,29 @@ def lower(model: ov.Model, target: str = DEFAULT_TARGET, *, copy_weights: bool =
         report.lowered[node.get_friendly_name()] = form
     if report.lowered:
         model.validate_nodes_and_infer_types()
+        _record(model, report)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def choose_form(node: ov.Node, cpu: CpuFacts) -> tuple[str, str]:
+    """The form `auto` lowers a FusedExperts to on `cpu`, and why (docs/lowering.md has the measurements)."""
+    if cpu.amx and cpu.precision == "bf16":
+        return CPU, ("AMX with bf16 inference: GatherMatmul runs each expert's routed rows as one AMX GEMM "
+                     "(prefill) and reads only the top-k experts (decode)")
+    return PER_EXPERT, (f"{'AMX without bf16 inference' if cpu.amx else 'no AMX'}: GatherMatmul would run "
+                        "one GEMV per routed row, re-reading its expert's weights for every token (prefill "
+                        "3-13x slower); one FullyConnected GEMM per expert reads the same bytes at decode, "
+                        "compiles faster and holds less memory")
+
+
+def _record(model: ov.Model, report: LowerReport) -> None:
+    info = {"target": report.target, "forms": ",".join(sorted(set(report.lowered.values())))}
+    if report.cpu is not None:
+        info["cpu"] = report.cpu.describe()
+        info["reason"] = "; ".join(f"{form}: {why}" for form, why in sorted(report.reasons.items()))
+    for key, value in info.items():
+        model.set_rt_info(value, [RT_INFO, "lowering", key])
 
 
 # ---- reading a FusedExperts -----------------------------------------------------------------------------
@@ -331,7 +395,11 @@ def _per_expert(experts: _Experts) -> ov.Output:
     sorted_expert, order, rows, top_k = _sorted_slots(experts)
     ends = ops.convert(ops15.search_sorted(sorted_expert, ops.constant(np.arange(e, dtype=np.int32)),
                                            right_mode=True), ov.Type.i64)
-    starts = ops.concat([_i64([0]), ops.slice(ends, _i64([0]), _i64([e - 1]), _i64([1]))], 0)
+    counts = ops.subtract(ends, ops.concat([_i64([0]),
+                                            ops.slice(ends, _i64([0]), _i64([e - 1]), _i64([1]))], 0))
+    # One VariadicSplit hands every expert its run of rows ([0, H] when it has none): the plugin skips the
+    # nodes of an expert whose input is empty, and one node instead of 3E Gathers/Slices keeps decode cheap.
+    mine_all = ops.variadic_split(rows, _i64(0), counts).outputs()
     matrices = [_expert_values(m, e) for m in experts.matrices]
     biases = [_expert_values(_bias(experts, b, [e, -1]), e) for b in experts.biases if b is not None]
 
@@ -343,8 +411,7 @@ def _per_expert(experts: _Experts) -> ov.Output:
             matmul.set_friendly_name(f"{experts.name}/expert{i}/{what}")
             return matmul
 
-        begin, end = ops.gather(starts, _i64([i]), _i64(0)), ops.gather(ends, _i64([i]), _i64(0))
-        mine = ops.slice(rows, begin, end, _i64([1]), _i64([0]))  # this expert's rows; [0, H] if none
+        mine = mine_all[i]  # this expert's rows; [0, H] if none
         if experts.expert_type == GEMM3_SWIGLU:
             w_gate, w_up, w_down = (m[i] for m in matrices)
             act = ops.multiply(_swish(experts, gemm(mine, w_gate, "gate").output(0)), gemm(mine, w_up, "up"))
