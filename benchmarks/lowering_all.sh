@@ -8,5 +8,5 @@ PY=${PYTHON:-python}
 for config in "qwen3 f16" "qwen3 int4" "mixtral f16" "mixtral int4"; do
     set -- $config
     echo "== $1 $2 ($(date -u +%H:%M) UTC, load $(cut -d' ' -f1 /proc/loadavg))"
-    flock /tmp/moe-bench.lock "$PY" benchmarks/lowering.py --layer "$1" --weights "$2" "$@" ${EXTRA:-}
+    flock /tmp/moe-bench.lock "$PY" benchmarks/lowering.py --layer "$1" --weights "$2" ${EXTRA:-}
 done
