@@ -54,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.ort_moe import OrtForm, ort_moe_model
 from models.bench_models import SHAPES, WEIGHT_TYPES, LayerWeights, layer_weights, loop_layer, tiled_layer
+from moe_fusion.compressed import mark_decompression
 from moe_fusion.fuse import fuse
 from moe_fusion.io import core
 from moe_fusion.lower import AUTO, PER_EXPERT, TARGETS, CpuFacts, choose_form, fused_experts_nodes, lower
@@ -228,11 +229,24 @@ def _fuse_in_place(model: ov.Model) -> ov.Model:
     return model
 
 
+def as_exported(build: Callable[[LayerWeights], ov.Model], weights: LayerWeights) -> ov.Model:
+    """`build(weights)` with every Convert of f16/bf16 storage marked decompression, as `--weight-format
+    fp16` exports (and save_model's fp16 compression) store them; unmarked, the plugin folds them into f32
+    copies."""
+    model = build(weights)
+    for node in model.get_ordered_ops():
+        source = node.input_value(0) if node.get_input_size() else None
+        if node.get_type_name() == "Convert" and source.get_node().get_type_name() == "Constant" \
+                and source.get_element_type() in (ov.Type.f16, ov.Type.bf16):
+            mark_decompression(node)
+    return model
+
+
 def build_forms(weights: LayerWeights, targets: list[str], transpose_op: bool, reference: bool,
                 ort: Path | None) -> Iterator:
     """(form name, model, prepare seconds, measured alone?) one at a time; the caller compiles each model
     before asking for the next, so a model may be changed or dropped after it was yielded."""
-    loop, build_s = timed(partial(loop_layer, weights))
+    loop, build_s = timed(partial(as_exported, loop_layer, weights))
     yield "F1 loop (original)", loop, build_s, False
 
     fused, fuse_s = timed(partial(_fuse_in_place, loop))  # the loop is compiled already
@@ -240,7 +254,7 @@ def build_forms(weights: LayerWeights, targets: list[str], transpose_op: bool, r
     print(f"fused the loop in {fuse_s:.1f} s: {kinds['FusedExperts']} FusedExperts, "
           f"{kinds['Constant']} constants left", flush=True)
     del loop
-    native, build_s = timed(partial(tiled_layer, weights))
+    native, build_s = timed(partial(as_exported, tiled_layer, weights))
     del weights  # from here on only `fused` holds the layer's weights (Mixtral: 2.8 GB each copy)
     yield "F2 tiled (native GatherMatmul)", native, build_s, False
     del native
