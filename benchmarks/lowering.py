@@ -153,17 +153,27 @@ def runtime_kernels(compiled: ov.CompiledModel) -> Counter:
     return kinds
 
 
-def profile(form: Timed, x: np.ndarray, top: int = 6) -> str:
-    """One prefill with PERF_COUNT on: where its time goes, by layer type and kernel (exec_type)."""
+def profile(form: Timed, inputs: dict, top: int = 6) -> str:
+    """One inference per phase with PERF_COUNT on: its wall time, the time inside nodes, and where that goes
+    by layer type and kernel (exec_type; nodes that did not run, e.g. idle experts, are not counted)."""
     if isinstance(form.request, OrtForm):
         return f"  profile {form.row.form}: (ONNX Runtime, not profiled)"
-    form.request.infer({0: x})
-    spent: Counter = Counter()
-    for info in form.request.get_profiling_info():
-        spent[f"{info.node_type}/{info.exec_type}"] += info.real_time.total_seconds() * 1e3
-    total = sum(spent.values())
-    parts = ", ".join(f"{k} {v:.1f} ms ({v / total:.0%})" for k, v in spent.most_common(top))
-    return f"  profile {form.row.form}: {total:.1f} ms in nodes: {parts}"
+    lines = []
+    for phase, x in inputs.items():
+        start = time.perf_counter()
+        form.request.infer({0: x})
+        wall = 1e3 * (time.perf_counter() - start)
+        spent: Counter = Counter()
+        ran: Counter = Counter()
+        for info in form.request.get_profiling_info():
+            if info.real_time.total_seconds() > 0:
+                spent[f"{info.node_type}/{info.exec_type}"] += info.real_time.total_seconds() * 1e3
+                ran[f"{info.node_type}/{info.exec_type}"] += 1
+        total = sum(spent.values())
+        parts = ", ".join(f"{k} x{ran[k]} {v:.2f} ms ({v / total:.0%})" for k, v in spent.most_common(top))
+        lines.append(f"  profile {form.row.form} {phase}: wall {wall:.2f} ms, {total:.2f} ms in "
+                     f"{sum(ran.values())} nodes: {parts}")
+    return "\n".join(lines)
 
 
 def measure(forms: list[Timed], inputs: dict, runs: int) -> list[Row]:
@@ -374,7 +384,7 @@ def main() -> None:
         if live:  # interleaved forms are measured before the numpy reference, then dropped
             rows += measure(live, inputs, args.runs)
             want = want if want is not None else live[0].output(inputs[first])
-            notes += [profile(f, inputs[first]) for f in live if args.profile]
+            notes += [profile(f, inputs) for f in live if args.profile]
             live.clear()
             gc.collect()
         got = measure_alone(form, {first: inputs[first], "decode": inputs["decode"]} if by_itself else inputs,
@@ -383,7 +393,7 @@ def main() -> None:
         if want is None:
             want = got
         if args.profile and not by_itself:
-            notes.append(profile(form, inputs[first]))
+            notes.append(profile(form, inputs))
         print(f"  {name}: prefill {form.row.prefill_ms} ms, decode {form.row.decode_ms:.2f} ms, load "
               f"{os.getloadavg()[0]:.1f}", flush=True)
         if by_itself:
@@ -392,7 +402,7 @@ def main() -> None:
         gc.collect()
     if live:
         rows += measure(live, inputs, args.runs)
-        notes += [profile(f, inputs[first]) for f in live if args.profile]
+        notes += [profile(f, inputs) for f in live if args.profile]
     print("\n".join(notes))
     _table(rows, prefills, decode_floor, prefill_floor)
 
