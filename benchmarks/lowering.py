@@ -155,10 +155,12 @@ def runtime_kernels(compiled: ov.CompiledModel) -> Counter:
 
 def profile(form: Timed, inputs: dict, top: int = 6) -> str:
     """One inference per phase with PERF_COUNT on: its wall time, the time inside nodes, and where that goes
-    by layer type and kernel (exec_type; nodes that did not run, e.g. idle experts, are not counted)."""
+    by layer type and kernel (exec_type). Nodes that did not run (idle experts) keep their previous counters
+    in the plugin's report: only counters that changed in this inference are counted."""
     if isinstance(form.request, OrtForm):
         return f"  profile {form.row.form}: (ONNX Runtime, not profiled)"
     lines = []
+    before = {}
     for phase, x in inputs.items():
         start = time.perf_counter()
         form.request.infer({0: x})
@@ -166,7 +168,9 @@ def profile(form: Timed, inputs: dict, top: int = 6) -> str:
         spent: Counter = Counter()
         ran: Counter = Counter()
         for info in form.request.get_profiling_info():
-            if info.real_time.total_seconds() > 0:
+            stale = before.get(info.node_name) == info.real_time
+            before[info.node_name] = info.real_time
+            if info.real_time.total_seconds() > 0 and not stale:
                 spent[f"{info.node_type}/{info.exec_type}"] += info.real_time.total_seconds() * 1e3
                 ran[f"{info.node_type}/{info.exec_type}"] += 1
         total = sum(spent.values())
