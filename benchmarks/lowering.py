@@ -18,7 +18,8 @@ as the tiled form OpenVINO's CPU plugin runs natively as GatherMatmul (F2), fuse
 target it coincides with is timed once), builds ONNX Runtime's `com.microsoft.MoE` (f32 weights) or `QMoE`
 (int4) layer (benchmarks/ort_moe.py), all in this one run, and prints per form: compile time, prefill (T=128,
 and 512 at Qwen3) and decode (T=1)
-latency as the median of --runs rounds, the expert kernels of its runtime graph (GatherMatmul,
+latency (decode: 8 distinct tokens one after another per round, so routing changes every step as in generation;
+the median over steps) as the median of --runs rounds, the expert kernels of its runtime graph (GatherMatmul,
 GatherMatmulCompressed, FullyConnected), their ratios against the loop and the native tiled path, and the
 decode bandwidth floor: the bytes of the K experts a token reads divided by the memory read bandwidth
 measured here (numpy, one thread).
@@ -59,7 +60,7 @@ from moe_fusion.fuse import fuse
 from moe_fusion.io import core
 from moe_fusion.lower import AUTO, PER_EXPERT, TARGETS, CpuFacts, choose_form, fused_experts_nodes, lower
 
-DECODE = 1
+DECODE_STEPS = 8  # decode: distinct tokens one after another, so routing (and the experts read) changes per step
 
 
 @dataclass
@@ -122,11 +123,14 @@ class Timed:
         self.times: dict[str, list[float]] = {phase: [] for phase in first}
 
     def run(self, phase: str, x: np.ndarray) -> None:
-        start = time.perf_counter()
-        self.output(x)
-        self.times[phase].append(time.perf_counter() - start)
+        for step in x if x.ndim == 4 else [x]:  # decode: [steps, 1, 1, H], one timed inference per token
+            start = time.perf_counter()
+            self.output(step)
+            self.times[phase].append(time.perf_counter() - start)
 
     def output(self, x: np.ndarray) -> np.ndarray:
+        if x.ndim == 4:
+            return [self.output(step) for step in x][-1]
         if isinstance(self.request, OrtForm):
             return self.request.infer(x)
         return self.request.infer({0: x})[0].copy()
@@ -162,6 +166,11 @@ def profile(form: Timed, inputs: dict, top: int = 6) -> str:
     lines = []
     before = {}
     for phase, x in inputs.items():
+        if x.ndim == 4:  # decode: the steps before the profiled one run first, as in the timed rounds
+            for step in x[:-1]:
+                form.request.infer({0: step})
+            before = {info.node_name: info.real_time for info in form.request.get_profiling_info()}
+            x = x[-1]
         start = time.perf_counter()
         form.request.infer({0: x})
         wall = 1e3 * (time.perf_counter() - start)
@@ -368,7 +377,7 @@ def main() -> None:
 
     rng = np.random.default_rng(0)
     inputs = {f"prefill-{t}": rng.standard_normal((1, t, shape.hidden), dtype=np.float32) for t in prefills}
-    inputs["decode"] = rng.standard_normal((1, DECODE, shape.hidden), dtype=np.float32)
+    inputs["decode"] = rng.standard_normal((DECODE_STEPS, 1, 1, shape.hidden), dtype=np.float32)
     first = f"prefill-{prefills[0]}"
     forms = build_forms(weights, targets, args.transpose_op, args.reference, ort)
     del weights

@@ -72,6 +72,10 @@ class CpuFacts:
     amx: bool  # AMX tiles with bf16 (amx_bf16): GatherMatmul can run each expert's rows as one AMX GEMM
     precision: str  # the CPU plugin's default INFERENCE_PRECISION_HINT (bf16 on AMX CPUs, f32 on most others)
     name: str = ""
+    # What one expert GEMM node of the per-expert form costs per decode step (dynamic-shape bookkeeping of
+    # every expert's FullyConnected, executor lookup for the routed ones), as bytes of weights the memory bus
+    # could stream meanwhile: ~30-80 us at 12-24 GB/s on the 2-core Ice Lake the defaults were measured on.
+    node_bytes: int = 1 << 20
 
     @classmethod
     def detect(cls) -> CpuFacts:
@@ -89,6 +93,13 @@ class CpuFacts:
 
     def describe(self) -> str:
         return f"{self.name or 'CPU'}: {'AMX' if self.amx else 'no AMX'}, {self.precision} inference"
+
+
+# per-expert is chosen (without AMX) when its E expert GEMM nodes cost at most this share of the bytes a
+# decoded token reads; beyond it GatherMatmul's decode wins by more than per-expert's prefill gain is worth
+# to generation (measured: Qwen3-30B-A3B's 384 nodes vs 75 MB -> per-expert decodes 2.6-5x slower than
+# GatherMatmul; Mixtral-8x7B's 24 nodes vs 705 MB -> on par)
+PER_EXPERT_MAX_NODE_SHARE = 0.25
 
 
 @dataclass
@@ -146,14 +157,44 @@ def lower(model: ov.Model, target: str = DEFAULT_TARGET, *, copy_weights: bool =
 
 
 def choose_form(node: ov.Node, cpu: CpuFacts) -> tuple[str, str]:
-    """The form `auto` lowers a FusedExperts to on `cpu`, and why (docs/lowering.md has the measurements)."""
+    """The form `auto` lowers a FusedExperts to on `cpu`, and why (docs/lowering.md has the measurements).
+
+    With AMX and bf16 inference GatherMatmul (`cpu`) is right in both phases. Without, GatherMatmul runs one
+    GEMV per routed row (prefill 2-13x slower than one GEMM per expert), while the per-expert form pays per
+    expert GEMM node at every decode step: per-expert when those nodes are cheap next to the weights a token
+    reads (few large experts, e.g. Mixtral), `cpu` when they are not (many small experts, e.g. Qwen3-MoE)."""
     if cpu.amx and cpu.precision == "bf16":
         return CPU, ("AMX with bf16 inference: GatherMatmul runs each expert's routed rows as one AMX GEMM "
                      "(prefill) and reads only the top-k experts (decode)")
-    return PER_EXPERT, (f"{'AMX without bf16 inference' if cpu.amx else 'no AMX'}: GatherMatmul would run "
-                        "one GEMV per routed row, re-reading its expert's weights for every token (prefill "
-                        "3-13x slower); one FullyConnected GEMM per expert reads the same bytes at decode, "
-                        "compiles faster and holds less memory")
+    experts = node.get_input_partial_shape(3)[0].get_length()
+    top_k = node.get_input_partial_shape(2)[-1].get_length()
+    gemms = 3 if str(node.get_attributes()["expert_type"]) == GEMM3_SWIGLU else 2
+    per_token = top_k * weight_bytes(node) / experts
+    share = gemms * experts * cpu.node_bytes / max(per_token, 1)
+    cpu_kind = "AMX without bf16 inference" if cpu.amx else "no AMX"
+    facts = (f"{gemms * experts} expert GEMM nodes ~ {share:.2f}x the {per_token / 1e6:.1f} MB of weights a "
+             f"token reads")
+    if share <= PER_EXPERT_MAX_NODE_SHARE:
+        return PER_EXPERT, (f"{cpu_kind}: GatherMatmul would run one GEMV per routed row (prefill several times "
+                            f"slower than one GEMM per expert); {facts}, so per-expert decodes on par")
+    return CPU, (f"{cpu_kind}, but {facts}: per-expert's decode would pay that on every token, more than its "
+                 "prefill gain is worth; GatherMatmul reads only the top-k experts")
+
+
+def weight_bytes(node: ov.Node) -> int:
+    """Bytes of a FusedExperts' expert weights as stored: every Constant feeding its weight inputs (compressed
+    data, scales and zero points; f16 storage behind its Convert)."""
+    seen, stack, total = set(), [node.input_value(i).get_node() for i in range(3, node.get_input_size())], 0
+    while stack:
+        current = stack.pop()
+        if current.get_instance_id() in seen:
+            continue
+        seen.add(current.get_instance_id())
+        if current.get_type_name() == "Constant":
+            total += current.get_byte_size()
+        else:
+            stack += [value.get_node() for value in current.input_values()]
+    return total
 
 
 def _record(model: ov.Model, report: LowerReport) -> None:
