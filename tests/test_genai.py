@@ -1,8 +1,9 @@
 """The deployment client: openvino-genai's LLMPipeline (C++, no Python op can run there) generates from lowered
 fixture folders exactly what it generates from the original folders.
 
-One fixture per family, lowered by the default target for both choices it can make (per-expert on a CPU
-without AMX, the GatherMatmul form on one with AMX and bf16: either must deploy wherever the folder goes).
+One fixture per family, lowered by the default target for both choices it can make (per-expert for a CPU
+without AMX when the experts are large, the GatherMatmul form otherwise; either must deploy wherever the
+folder goes: the CPU facts are injected so both choices run on any machine).
 Token ids go in as `TokenizedInputs` (the fixtures have no tokenizer), greedy, 8 new tokens, f32 inference
 without dynamic activation quantisation (int4 FullyConnected quantises activations on the fly, GatherMatmul
 does not: ~1e-2 apart with it on).
@@ -34,8 +35,8 @@ FAMILIES = {  # one fixture per family (and the compressed path)
     "deepseek (loop, sigmoid router)": "gen1-deepseekv3",
     "int4 compressed": "gen1-mixtral-int4-g16-sym",
 }
-CPUS = {"no-amx": (CpuFacts(amx=False, precision="f32"), PER_EXPERT),
-        "amx-bf16": (CpuFacts(amx=True, precision="bf16"), TILED)}
+CPUS = {"per-expert": (CpuFacts(amx=False, precision="f32", node_bytes=0), PER_EXPERT),  # as for large experts
+        "gathermatmul": (CpuFacts(amx=True, precision="bf16"), TILED)}
 NO_TOKEN = 1 << 30  # the fixtures' generation configs name no eos token: stop on none (FIELD_NOTES §4)
 
 
