@@ -2,11 +2,11 @@
 
 Targets (docs/lowering.md has the measurements behind the default):
 
-- `auto` (default): chosen per block at lowering time for the CPU lowering runs on (`CpuFacts`, injectable):
-  with AMX and bf16 inference what `cpu` does; otherwise `per-expert`. GatherMatmul's multi-token path is
-  one AMX GEMM per expert only in that mode; elsewhere it runs one GEMV per routed row, which makes prefill
-  3-13x slower than per-expert GEMMs, while per-expert reads the same weight bytes at decode and compiles
-  and holds less. The choice, its reason and the CPU facts are recorded in the model's rt_info
+- `auto` (default): chosen per block at lowering time for the CPU lowering runs on (`CpuFacts`, injectable;
+  `choose_form`): with AMX and bf16 inference what `cpu` does. Otherwise GatherMatmul runs one GEMV per
+  routed row (prefill 2-13x slower than per-expert GEMMs), while per-expert pays for each of its expert GEMM
+  nodes at every decode step: `per-expert` when the experts are few and large (Mixtral), `cpu` when they are
+  many and small (Qwen3-MoE). The choice, its reason and the CPU facts are recorded in the model's rt_info
   (`moe_fusion/lowering/...`).
 - `cpu`: `tiled` where the plugin turns it into GatherMatmul, `grouped` where it would not
   (`tiled_reason`: GEMM2 with all-zero biases, a swish beta other than 1 in GEMM3).
