@@ -50,6 +50,8 @@ from pathlib import Path
 
 import numpy as np
 import openvino as ov
+import openvino.opset8 as ops8
+import openvino.opset14 as ops
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -58,7 +60,7 @@ from models.bench_models import SHAPES, WEIGHT_TYPES, LayerWeights, layer_weight
 from moe_fusion.compressed import mark_decompression
 from moe_fusion.fuse import fuse
 from moe_fusion.io import core
-from moe_fusion.lower import AUTO, PER_EXPERT, TARGETS, CpuFacts, choose_form, fused_experts_nodes, lower
+from moe_fusion.lower import AUTO, PER_EXPERT, TARGETS, TILED, CpuFacts, choose_form, fused_experts_nodes, lower
 
 DECODE_STEPS = 8  # decode: distinct tokens one after another, so routing (and the experts read) changes per step
 
@@ -75,7 +77,47 @@ class Row:
 
 
 def constant_bytes(model: ov.Model) -> int:
-    return sum(n.get_byte_size() for n in model.get_ordered_ops() if n.get_type_name() == "Constant")
+    """Bytes of the model's constants, If bodies included, each constant once."""
+    sizes: dict[int, int] = {}
+
+    def walk(graph: ov.Model) -> None:
+        for node in graph.get_ordered_ops():
+            if node.get_type_name() == "Constant":
+                sizes[node.get_instance_id()] = node.get_byte_size()
+            elif node.get_type_name() == "If":
+                walk(node.get_then_body())
+                walk(node.get_else_body())
+
+    walk(model)
+    return sum(sizes.values())
+
+
+def if_hybrid(fused: ov.Model) -> ov.Model:
+    """The `If` route of issue 13, as a measured prototype (not a target): `If(tokens > 1)` runs the
+    per-expert form, else (decode) the tiled GatherMatmul form; both bodies built from the same stacked
+    weights (the plugin still packs each body's own copy)."""
+    model = fused.clone()
+    for node in fused_experts_nodes(model):
+        bodies = []
+        for target in (PER_EXPERT, TILED):
+            params = [ops.parameter(node.input_value(i).get_partial_shape(), node.input_value(i).get_element_type())
+                      for i in range(3)]
+            weights = [node.input_value(i) for i in range(3, node.get_input_size())]
+            clone = node.clone_with_new_inputs([p.output(0) for p in params] + weights)
+            body = ov.Model([ops.result(clone)], params)
+            lower(body, target)
+            bodies.append((body, params))
+        (then_body, then_params), (else_body, else_params) = bodies
+        tokens = ops.gather(ops.shape_of(node.input_value(0)), ops.constant(np.int64(0)), ops.constant(np.int64(0)))
+        branch = ops8.if_op(ops.greater(tokens, ops.constant(np.int64(1))).output(0))
+        branch.set_then_body(then_body)
+        branch.set_else_body(else_body)
+        for i, (then_param, else_param) in enumerate(zip(then_params, else_params, strict=True)):
+            branch.set_input(node.input_value(i), then_param, else_param)
+        out = branch.set_output(then_body.get_results()[0], else_body.get_results()[0])
+        node.output(0).replace(out)
+    model.validate_nodes_and_infer_types()
+    return model
 
 
 def reset_peak_rss() -> None:
@@ -266,7 +308,7 @@ def as_exported(build: Callable[[LayerWeights], ov.Model], weights: LayerWeights
 
 
 def build_forms(weights: LayerWeights, targets: list[str], transpose_op: bool, reference: bool,
-                ort: Path | None) -> Iterator:
+                ort: Path | None, hybrid: bool = False) -> Iterator:
     """(form name, model, prepare seconds, measured alone?) one at a time; the caller compiles each model
     before asking for the next, so a model may be changed or dropped after it was yielded."""
     loop, build_s = timed(partial(as_exported, loop_layer, weights))
@@ -288,6 +330,10 @@ def build_forms(weights: LayerWeights, targets: list[str], transpose_op: bool, r
     if transpose_op:
         model, lower_s = timed(lambda: _lowered(fused, targets[0], False))
         yield f"F1 -> lowered {targets[0]} (Transpose op)", model, fuse_s + lower_s, False
+        del model
+    if hybrid:
+        model, lower_s = timed(lambda: if_hybrid(fused))
+        yield "F1 -> If(T>1: per-expert, tiled) proto", model, fuse_s + lower_s, False
         del model
     if ort is not None:
         yield f"ORT {'MoE f32' if ort.name == 'moe.onnx' else 'QMoE int4'} (peer)", ort, 0.0, False
@@ -322,6 +368,9 @@ def main() -> None:
     parser.add_argument("--prefill", default="",
                         help="prefill token counts, comma-separated (default: 128,512 at qwen3, 128 at mixtral)")
     parser.add_argument("--no-ort", action="store_true", help="skip ONNX Runtime's MoE/QMoE peer")
+    parser.add_argument("--hybrid", choices=("auto", "yes", "no"), default="auto",
+                        help="also time the If(tokens > 1) prototype: per-expert prefill, tiled decode (auto: "
+                             "at qwen3, where it fits in memory)")
     parser.add_argument("--precision", default="default", help="INFERENCE_PRECISION_HINT (default: the plugin's)")
     parser.add_argument("--reference", action="store_true", help="also time the FusedExperts numpy kernel")
     parser.add_argument("--no-reference", action="store_true", help=argparse.SUPPRESS)  # the old default
@@ -379,7 +428,8 @@ def main() -> None:
     inputs = {f"prefill-{t}": rng.standard_normal((1, t, shape.hidden), dtype=np.float32) for t in prefills}
     inputs["decode"] = rng.standard_normal((DECODE_STEPS, 1, 1, shape.hidden), dtype=np.float32)
     first = f"prefill-{prefills[0]}"
-    forms = build_forms(weights, targets, args.transpose_op, args.reference, ort)
+    hybrid = args.hybrid == "yes" or (args.hybrid == "auto" and args.layer == "qwen3")
+    forms = build_forms(weights, targets, args.transpose_op, args.reference, ort, hybrid)
     del weights
     rows: list[Row] = []
     live: list[Timed] = []
@@ -423,7 +473,7 @@ def main() -> None:
 def _table(rows: list[Row], prefills: list[int], decode_floor: float, prefill_floor: float) -> None:
     base = rows[0]
     native = next((r for r in rows if r.form.startswith("F2")), None)
-    head = (f"{'form':<36} {'compile s':>9} " + " ".join(f"{f'prefill-{t} ms':>15}" for t in prefills)
+    head = (f"{'form':<40} {'compile s':>9} " + " ".join(f"{f'prefill-{t} ms':>15}" for t in prefills)
             + f" {'decode ms':>9} {'memory GB':>9} | {'prefill':>7} {'decode':>7} vs loop | {'prefill':>7} "
             f"{'decode':>7} {'memory':>7} vs native | {'floor/dec':>9} {'max rel':>8}")
     print(head)
@@ -432,7 +482,7 @@ def _table(rows: list[Row], prefills: list[int], decode_floor: float, prefill_fl
         t = prefills[0]
         vs_native = (f"{native.prefill_ms[t] / r.prefill_ms[t]:>6.2f}x {native.decode_ms / r.decode_ms:>6.2f}x "
                      f"{r.memory_gb / native.memory_gb:>6.2f}x" if native else " " * 23)
-        print(f"{r.form:<36} {r.compile_s:>9.2f} " + " ".join(f"{r.prefill_ms[p]:>15.1f}" for p in prefills)
+        print(f"{r.form:<40} {r.compile_s:>9.2f} " + " ".join(f"{r.prefill_ms[p]:>15.1f}" for p in prefills)
               + f" {r.decode_ms:>9.2f} {r.memory_gb:>9.2f} | {base.prefill_ms[t] / r.prefill_ms[t]:>6.2f}x "
               f"{base.decode_ms / r.decode_ms:>6.2f}x     | {vs_native}           | "
               f"{decode_floor / r.decode_ms:>8.0%} {r.max_rel:>8.1e}")
