@@ -98,8 +98,9 @@ def fuse_command(input_path, output, report_path, patterns, no_verify, force, in
 @click.argument("input_path", metavar="FUSED", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Lowered model (.xml or folder).")
 @click.option("--target", type=click.Choice(TARGETS), default=DEFAULT_TARGET, show_default=True,
-              help="auto: per-expert GEMMs on CPUs without AMX (or without bf16 inference), cpu with them; "
-                   "cpu: GatherMatmul-friendly tiled form, grouped where it would not fire.")
+              help="auto: chosen for this CPU (per-expert GEMMs for few large experts without AMX, else cpu; "
+                   "recorded in the model's rt_info); cpu: GatherMatmul-friendly tiled form, grouped where it "
+                   "would not fire.")
 @click.option("--force", is_flag=True, help="Overwrite an existing OUTPUT.")
 @click.option("--in-place", is_flag=True, help="Allow OUTPUT to be FUSED.")
 @one_line_errors
