@@ -108,8 +108,9 @@ def if_hybrid(fused: ov.Model) -> ov.Model:
             lower(body, target)
             bodies.append((body, params))
         (then_body, then_params), (else_body, else_params) = bodies
-        tokens = ops.gather(ops.shape_of(node.input_value(0)), ops.constant(np.int64(0)), ops.constant(np.int64(0)))
-        branch = ops8.if_op(ops.greater(tokens, ops.constant(np.int64(1))).output(0))
+        slots = ops.reduce_prod(ops.shape_of(node.input_value(2)), ops.constant(np.int64(0)), False)  # T*K
+        top_k = node.get_input_partial_shape(2)[-1].get_length()
+        branch = ops8.if_op(ops.greater(slots, ops.constant(np.int64(top_k))).output(0))  # more than 1 token
         branch.set_then_body(then_body)
         branch.set_else_body(else_body)
         for i, (then_param, else_param) in enumerate(zip(then_params, else_params, strict=True)):
