@@ -416,7 +416,9 @@ def main() -> None:
         start = time.perf_counter()
         ort = ort_moe_model(weights, Path(tempfile.mkdtemp(prefix="moe-ort-")))
         print(f"wrote ONNX Runtime's layer in {time.perf_counter() - start:.1f} s: {ort}", flush=True)
-    n_forms = 2 + len(targets) + args.transpose_op + (ort is not None) * (4 if args.weights == "f16" else 1)
+    hybrid = args.hybrid == "yes" or (args.hybrid == "auto" and args.layer == "qwen3")
+    n_forms = (2 + len(targets) + args.transpose_op + (ort is not None) * (4 if args.weights == "f16" else 1)
+               + 3 * hybrid)  # the If prototype holds both forms' kernels and two copies of the weights
     estimate = (_RSS_PER_FORM * n_forms + _RSS_BUILDING) * layer_bytes  # int4 stays compressed when compiled
     alone = args.one_at_a_time == "yes" or (args.one_at_a_time == "auto" and estimate > available_bytes())
     print(f"{shape.name} layer: H={shape.hidden} I={shape.intermediate} E={shape.experts} K={shape.top_k}, "
@@ -432,7 +434,6 @@ def main() -> None:
     inputs = {f"prefill-{t}": rng.standard_normal((1, t, shape.hidden), dtype=np.float32) for t in prefills}
     inputs["decode"] = rng.standard_normal((DECODE_STEPS, 1, 1, shape.hidden), dtype=np.float32)
     first = f"prefill-{prefills[0]}"
-    hybrid = args.hybrid == "yes" or (args.hybrid == "auto" and args.layer == "qwen3")
     forms = build_forms(weights, targets, args.transpose_op, args.reference, ort, hybrid)
     del weights
     rows: list[Row] = []
