@@ -97,8 +97,8 @@ class CpuFacts:
 
 # per-expert is chosen (without AMX) when its E expert GEMM nodes cost at most this share of the bytes a
 # decoded token reads; beyond it GatherMatmul's decode wins by more than per-expert's prefill gain is worth
-# to generation (measured: Qwen3-30B-A3B's 384 nodes vs 75 MB -> per-expert decodes 2.6-5x slower than
-# GatherMatmul; Mixtral-8x7B's 24 nodes vs 705 MB -> on par)
+# to generation (measured on the loaded test machine: Qwen3-30B-A3B's 384 nodes vs 75 MB -> per-expert
+# decoded 1.3-5x slower than GatherMatmul, 0.75x in one quieter run; Mixtral-8x7B's 24 nodes vs 705 MB -> on par)
 PER_EXPERT_MAX_NODE_SHARE = 0.25
 
 
