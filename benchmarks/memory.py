@@ -3,7 +3,8 @@
 Builds LAYERS per-expert-loop MoE layers at Qwen3-30B-A3B's shape (H 2048, I 768, 128 experts, top-8; f16
 weights behind a decompression Convert, 1.2 GB per layer, every expert distinct) chained with residual
 adds, saves the IR, then runs `moe-fusion fuse` on it in a subprocess while sampling its /proc status:
-peak RssAnon (anonymous memory: what fusing itself allocates) and peak RSS (which also counts the
+peak RssAnon (anonymous memory: what fusing itself allocates, summed with the proof's worker processes) and
+peak RSS (which also counts the
 memory-mapped input and the file-backed stacked weights, both evictable page cache).
 
     python benchmarks/memory.py [--layers 7] [--dir /tmp/moe-memory] [--verify]
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -75,28 +77,57 @@ def _status(pid: int) -> dict[str, int]:
     return values
 
 
-def measure(command: list[str]) -> tuple[float, int, int]:
-    """(seconds, peak RssAnon, peak RSS) of a subprocess, sampled every 20 ms."""
+def _tree(pid: int) -> list[int]:
+    """`pid` and its descendants (the proof's and check's worker processes)."""
+    found, stack = [], [pid]
+    while stack:
+        process = stack.pop()
+        found.append(process)
+        try:
+            for task in os.listdir(f"/proc/{process}/task"):
+                with open(f"/proc/{process}/task/{task}/children") as children:
+                    stack.extend(int(c) for c in children.read().split())
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return found
+
+
+@dataclass
+class Measured:
+    seconds: float
+    anon: int  # peak RssAnon, summed over the process and its descendants
+    rss: int  # peak RSS, the same way
+    code: int
+    last_line: str  # of stdout (else stderr)
+
+
+def measure(command: list[str], check: bool = True) -> Measured:
+    """Run `command`, sampling its process tree's /proc status every 20 ms."""
     start = time.perf_counter()
-    process = subprocess.Popen(command)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak = {"RssAnon": 0, "VmRSS": 0}
 
     def sample() -> None:
         while process.poll() is None:
-            try:
-                for key, value in _status(process.pid).items():
-                    peak[key] = max(peak[key], value)
-            except (FileNotFoundError, ProcessLookupError):
-                return
+            total = {"RssAnon": 0, "VmRSS": 0}
+            for pid in _tree(process.pid):
+                try:
+                    for key, value in _status(pid).items():
+                        total[key] += value
+                except (FileNotFoundError, ProcessLookupError):
+                    continue
+            for key, value in total.items():
+                peak[key] = max(peak[key], value)
             time.sleep(0.02)
 
     sampler = threading.Thread(target=sample)
     sampler.start()
-    code = process.wait()
+    out, err = process.communicate()
     sampler.join()
-    if code:
-        raise SystemExit(f"{' '.join(command)} exited with {code}")
-    return time.perf_counter() - start, peak["RssAnon"], peak["VmRSS"]
+    if process.returncode and check:
+        raise SystemExit(f"{' '.join(command)} exited with {process.returncode}: {err.strip()[-300:]}")
+    line = (out.strip() or err.strip()).splitlines()[-1:] or [""]
+    return Measured(time.perf_counter() - start, peak["RssAnon"], peak["VmRSS"], process.returncode, line[0])
 
 
 def main() -> None:
@@ -118,7 +149,8 @@ def main() -> None:
         out = args.dir / f"fused-{label.strip('-')}.xml"
         cli = [sys.executable, "-c", "from moe_fusion.cli import main; main()"]
         command = [*cli, "fuse", str(xml), "-o", str(out), "--force", *extra]
-        seconds, anon, rss = measure(command)
+        run = measure(command)
+        seconds, anon, rss = run.seconds, run.anon, run.rss
         size = out.with_suffix(".bin").stat().st_size / gb
         print(
             f"fuse {label}: {seconds:.1f} s, peak RssAnon {anon / gb:.2f} GB, peak RSS {rss / gb:.2f} GB, "

@@ -74,12 +74,28 @@ def _random(rng: np.random.Generator, shape: tuple[int, ...], fan_in: int) -> np
     return np.resize(block, shape)
 
 
-def layer_weights(shape: LayerShape, weight_type: str = "f16", seed: int = 0) -> LayerWeights:
+def _distinct_f16(rng: np.random.Generator, shape: tuple[int, ...], fan_in: int) -> np.ndarray:
+    """Every value drawn on its own (random sign and mantissa, |x| in [2^-6, 2^-4), about 1/sqrt(fan_in) for
+    real fan-ins): saved IRs keep every expert (OpenVINO's save_model stores identical constants once), at
+    bit-twiddling speed (~1 s per 10^8 values)."""
+    bits = np.frombuffer(rng.bytes(2 * int(np.prod(shape))), np.uint16).copy()
+    bits &= 0x87FF  # sign, the exponent's lowest bit, mantissa
+    bits |= 0x2400  # exponent 9 or 10 (of bias 15)
+    return bits.view(np.float16).reshape(shape)
+
+
+def layer_weights(shape: LayerShape, weight_type: str = "f16", seed: int = 0, distinct: bool = False) -> LayerWeights:
+    """`distinct`: every weight drawn on its own, as a trained layer is (for memory and file-size
+    measurements); otherwise a random block repeated, which is faster and all speed measurements need."""
     if weight_type not in WEIGHT_TYPES:
         raise ValueError(f"weight type {weight_type!r}: expected one of {WEIGHT_TYPES}")
     rng = np.random.default_rng(seed)
     e, h, i = shape.experts, shape.hidden, shape.intermediate
-    gate, up, down = _random(rng, (e, i, h), h), _random(rng, (e, i, h), h), _random(rng, (e, h, i), i)
+    shapes = {"gate": ((e, i, h), h), "up": ((e, i, h), h), "down": ((e, h, i), i)}
+    if distinct and weight_type == "int4":
+        return _distinct_int4(shape, shapes, rng)
+    make = _distinct_f16 if distinct else _random
+    gate, up, down = (make(rng, *shapes[n]) for n in ("gate", "up", "down"))
     router = (rng.standard_normal((e, h), dtype=np.float32) * 0.5 / np.sqrt(h)).astype(np.float32)
     if weight_type == "f16":
         return LayerWeights(shape, weight_type, gate, up, down, router)
@@ -89,6 +105,22 @@ def layer_weights(shape: LayerShape, weight_type: str = "f16", seed: int = 0) ->
         scales[name] = (scale, zero)
         packed.append(q)
     return LayerWeights(shape, weight_type, *packed, router, scales)
+
+
+def _distinct_int4(shape: LayerShape, shapes: dict, rng: np.random.Generator) -> LayerWeights:
+    """Random int4 codes, zero points and scales drawn directly (quantising distinct f16 weights of a
+    Mixtral layer would need ~10 GB of f32 temporaries)."""
+    router = (rng.standard_normal((shape.experts, shape.hidden), dtype=np.float32) * 0.5 / np.sqrt(shape.hidden))
+    packed, scales = [], {}
+    for name in ("gate", "up", "down"):
+        (e, out, inp), fan_in = shapes[name]
+        grouped = (e, out, inp // INT4_GROUP)
+        codes = np.frombuffer(rng.bytes(e * out * inp), np.uint8).reshape(*grouped, INT4_GROUP) & 0x0F
+        scale = (rng.random((*grouped, 1), dtype=np.float32) + 0.5) * 4.0 / 15.0 / np.sqrt(fan_in)
+        zero = rng.integers(6, 10, size=(*grouped, 1), dtype=np.uint8)
+        packed.append(codes)
+        scales[name] = (scale.astype(np.float16), zero)
+    return LayerWeights(shape, "int4", *packed, router.astype(np.float32), scales)
 
 
 def _quantize_int4(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -203,7 +235,41 @@ def tiled_layer(weights: LayerWeights) -> ov.Model:
     return ov.Model([out.output(0)], [hidden], f"{s.name}-tiled")
 
 
-FORMS = {"loop": loop_layer, "tiled": tiled_layer}
+def batched_mm_layer(weights: LayerWeights) -> ov.Model:
+    """The `batched_mm` form `openvino.convert_model` traces from transformers 5 experts (docs/converting.md,
+    patterns/batched_mm.py): per (token, slot) the expert's stacked `gate_up [E, 2I, H]` and `down [E, H, I]`
+    gathered by the clamped expert id, a batched MatMul each, chunked SwiGLU, routing weight, masked_fill of
+    ids >= E, sum over the K slots. f16 weights only (a direct conversion saved with ov.save_model's
+    default f16 compression)."""
+    if weights.weight_type != "f16":
+        raise ValueError("batched_mm_layer: f16 weights only")
+    s = weights.shape
+    e, h, i, k = s.experts, s.hidden, s.intermediate, s.top_k
+    hidden = ops.parameter([-1, -1, h], np.float32, name="hidden_states")
+    x = ops.reshape(hidden, _i64([-1, h]), False)
+    routing, indices = _router(weights, x.output(0))
+    ids = ops.reshape(indices, _i64([-1]), False)
+    invalid = ops.unsqueeze(ops.greater_equal(ids, _i64(e)), _i64(-1))
+    clamped = ops.convert(ops.clamp(ids, 0, e - 1), ov.Type.i32)
+    gate_up = ops.convert(_const(np.concatenate([weights.gate, weights.up], axis=1)), ov.Type.f32)  # [E, 2I, H]
+    down = ops.convert(_const(weights.down), ov.Type.f32)  # [E, H, I]
+    tokens = ops.gather(ops.shape_of(x), _i64(0), _i64(0))
+    token_idx = ops.range(_i64(0), tokens, _i64(1), "i64")
+    expanded = ops.broadcast(ops.unsqueeze(token_idx, _i64(1)), _i64([1, k]), broadcast_spec="BIDIRECTIONAL")
+    token_idx = ops.reshape(expanded, _i64([-1]), False)
+    rows = ops.unsqueeze(ops.gather(x, ops.convert(token_idx, ov.Type.i32), _i64(0)), _i64(-1))  # [S, H, 1]
+    projected = ops.squeeze(ops.matmul(ops.gather(gate_up, clamped, _i64(0)), rows, False, False), _i64([-1]))
+    gate, up = ops.variadic_split(projected, _i64(-1), _i64([i, i])).outputs()
+    act = ops.unsqueeze(ops.multiply(_swish(gate), up), _i64(-1))  # [S, I, 1]
+    y = ops.squeeze(ops.matmul(ops.gather(down, clamped, _i64(0)), act, False, False), _i64([-1]))  # [S, H]
+    y = ops.multiply(y, ops.unsqueeze(ops.reshape(routing, _i64([-1]), False), _i64(-1)))
+    y = ops.select(invalid, _const(np.array(0.0, np.float32)), y)
+    out = ops.reduce_sum(ops.reshape(y, _i64([-1, k, h]), False), _i64([1]), False)
+    out = ops.reshape(out, ops.shape_of(hidden), False)
+    return ov.Model([out.output(0)], [hidden], f"{s.name}-batched_mm")
+
+
+FORMS = {"loop": loop_layer, "tiled": tiled_layer, "batched_mm": batched_mm_layer}
 
 
 def reference_output(weights: LayerWeights, x: np.ndarray) -> np.ndarray:

@@ -817,7 +817,7 @@ def mutants(
 
 # ---- the oracle ---------------------------------------------------------------------------------------
 
-OUTCOMES = ("fused", "declined", "unreported", "rejected", "WRONG")
+OUTCOMES = ("fused", "declined", "unreported", "rejected", "crashed", "WRONG")
 
 
 def _same_block(row: str, block: str) -> bool:
@@ -838,6 +838,8 @@ class Verdict:
     "unreported" (the mutated block was left as ops, but the report has no row for it: not a wrong fusion,
     yet the user is not told where fusion stopped),
     "rejected" (OpenVINO rejected the mutated graph, or cannot compile or run it: nothing to compare),
+    "crashed" (the process judging it died, twice: a native crash in OpenVINO outside the proof's own
+    worker processes, e.g. in `check`; not judged, counted and listed),
     "WRONG" (a fused model that `check` finds not equivalent, a skipped block without a reason, or a crash)."""
 
     mutant: Mutant
@@ -860,7 +862,8 @@ def _against_reference(mutant: Mutant, tokens: int = 16) -> str:
     transformations) beside its FusedExperts on CPU: '' when they agree, else why not. Independent of the
     CPU plugin, which compiles some mutants as if unmutated (it ignores a tiled block's Tile repeats).
     Off by default: `Model.evaluate` crashes the process (SIGSEGV) on some mutants that the CPU runs."""
-    from moe_fusion.prove import _shape, submodels
+    from moe_fusion.check import token_shape
+    from moe_fusion.prove import cut
     from moe_fusion.rewrite import build
 
     model = mutant.model.clone()
@@ -869,13 +872,14 @@ def _against_reference(mutant: Mutant, tokens: int = 16) -> str:
     if block is None:
         return ""
     try:
-        fused, replacement = build(block)
-        original, rewritten = submodels(block, fused, replacement)
+        _fused, replacement = build(block)
+        sides = cut(block, replacement, forced=False)
+        original, rewritten = sides.original, sides.replacement
     except (ValueError, RuntimeError):
         return ""
     rng = np.random.default_rng(0)
     feeds = [
-        rng.standard_normal(_shape(p.get_partial_shape(), tokens)).astype(p.get_element_type().to_dtype())
+        rng.standard_normal(token_shape(p.get_partial_shape(), tokens)).astype(p.get_element_type().to_dtype())
         for p in original.get_parameters()
     ]
     outputs = ov.TensorVector([ov.Tensor(o.get_element_type(), ov.Shape([0])) for o in original.outputs])
@@ -972,7 +976,6 @@ def judge_many(
     that is replaced after `per_child` mutants: building OpenVINO patterns leaks memory (each
     `openvino.passes.WrapType` keeps ~1.5 KB per type name; ~47 MB per `fuse` on the fixtures), which a
     long run in one process would pile up to many GB."""
-    import concurrent.futures
     import multiprocessing
 
     fixtures = list(fixtures or FIXTURES)
@@ -982,5 +985,30 @@ def judge_many(
     chunk = max(per_child, 1) * max(jobs, 1)
     # a fresh pool per chunk, not max_tasks_per_child: Python 3.11's pool hangs when it replaces a worker
     for begin in range(0, len(tasks), chunk):
-        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
-            yield from pool.map(_judge_index, tasks[begin : begin + chunk])
+        yield from _judge_chunk(tasks[begin : begin + chunk], jobs, context)
+
+
+def _judge_chunk(tasks: list[tuple], jobs: int, context) -> Iterator[Verdict]:
+    """Verdicts in order. A worker that dies breaks its pool: the tasks not yet judged then run one at a time,
+    each in a fresh worker, so the one that kills its worker is known and counted as crashed."""
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    judged = 0
+    with ProcessPoolExecutor(jobs, mp_context=context) as pool:
+        futures = [pool.submit(_judge_index, task) for task in tasks]
+        for future in futures:
+            try:
+                verdict = future.result()
+            except BrokenProcessPool:
+                break
+            judged += 1
+            yield verdict
+    for task in tasks[judged:]:
+        with ProcessPoolExecutor(1, mp_context=context) as pool:
+            try:
+                yield pool.submit(_judge_index, task).result()
+            except BrokenProcessPool:
+                seed, index, fixtures, operators = task[:4]
+                detail = "the process judging it died (a native crash in OpenVINO while fusing or checking it)"
+                yield Verdict(mutant(seed, index, fixtures, operators), "crashed", detail)

@@ -116,6 +116,9 @@ class MoEBlock:
     shared_expert: bool = False
     # Llama-4: the routing weight scales the experts' input, not their output (exact for top-1 only).
     weights_on_input: bool = False
+    # Memory the unfused block takes per token besides its weights (a direct-conversion block gathers the K
+    # selected experts' weights for every token): the proof runs its rows in pieces that fit.
+    bytes_per_token: int = 0
     notes: list[str] = field(default_factory=list)
 
     @property

@@ -11,7 +11,7 @@ import click
 
 from moe_fusion import __version__
 from moe_fusion.catalogue import CatalogueError
-from moe_fusion.check import check
+from moe_fusion.check import FUSED_EXPERTS, MODES, check
 from moe_fusion.explain import explain as explained
 from moe_fusion.explain import text as explanation_text
 from moe_fusion.explain import to_json as explanation_json
@@ -74,11 +74,19 @@ def fuse_command(input_path, output, report_path, patterns, no_verify, force, in
         raise InputError(f"{output}: OUTPUT for a model file must be an IR .xml path")
     check_output(input_path, output, force=force, in_place=in_place)
     model = load(input_path)
-    # a bar on a terminal only: piped or logged, click would print its label after the table
+    # a bar (and the proof's cost up front) on a terminal only: piped or logged, click would print its label
+    # after the table
     with click.progressbar(length=1, label="fusing", file=sys.stderr if sys.stderr.isatty() else io.StringIO()) as bar:
 
         def progress(done: int, total: int) -> None:
-            bar.length = total
+            if done == 0 and total and not no_verify and sys.stderr.isatty():
+                click.echo(
+                    f"proving {total} MoE block{'s' * (total != 1)} before rewriting: each runs beside its "
+                    "replacement in two worker processes, on weights mapped from the model's files (memory: "
+                    "about 0.5 GB, whatever the weights' size; time: about a compile of each block)",
+                    err=True,
+                )
+            bar.length = max(total, 1)
             bar.update(done - bar.pos)
 
         report = fuse(model, patterns=patterns, verify=not no_verify, progress=progress)
@@ -138,6 +146,7 @@ def inspect_command(input_path, patterns, as_json, explain) -> None:
         click.echo(report.to_json())
     elif report.blocks:
         click.echo(report.table())
+        _warn_broken(report)
     else:
         click.echo(f"no MoE blocks found in {input_path}")
 
@@ -153,17 +162,26 @@ def inspect_command(input_path, patterns, as_json, explain) -> None:
 @click.option("--rtol", type=float, help="Tolerance relative to each output's scale (default: by weight type).")
 @click.option("--device", default="CPU", show_default=True, help="OpenVINO device running both models.")
 @click.option("--precision", default="f32", show_default=True, help="INFERENCE_PRECISION_HINT: f32, f16 or bf16.")
+@click.option("--mode", type=click.Choice(MODES), default="whole", show_default=True,
+              help="whole: each whole model, one after the other; layers: segment by segment at the MoE blocks, "
+              "one layer in memory at a time (for models larger than memory).")
+@click.option("--fused-experts", type=click.Choice(FUSED_EXPERTS), default="auto", show_default=True,
+              help="run FusedExperts as it is, or lower a copy to native per-expert ops first; auto lowers those "
+              "with int8/int4 weights.")
+@click.option("--in-process", is_flag=True, help="Run both models in this process (no child process per side).")
 @click.option("-v", "--verbose", is_flag=True, help="Print every output at every step.")
 @one_line_errors
-def check_command(original, fused, json_path, tokens, steps, seed, atol, rtol, device, precision, verbose) -> None:
-    """Run ORIGINAL and FUSED side by side; exit 0 if equivalent, 1 if not, 2 on bad input."""
+def check_command(original, fused, json_path, tokens, steps, seed, atol, rtol, device, precision, mode, fused_experts,
+                  in_process, verbose) -> None:
+    """Run ORIGINAL, then FUSED, on the same inputs; exit 0 if equivalent, 1 if not, 2 on bad input."""
     try:
         counts = [int(t) for t in tokens.split(",") if t.strip()]
     except ValueError:
         raise InputError(f"--tokens {tokens!r}: expected comma-separated token counts, e.g. 1,16,64") from None
     report = check(
         original, fused, tokens=counts, steps=steps, seed=seed, atol=atol, rtol=rtol, device=device,
-        precision=precision,
+        precision=precision, mode=mode, fused_experts=fused_experts, isolate=not in_process,
+        progress=sys.stderr.isatty(),
     )
     if json_path:
         json_path.write_text(report.to_json())
@@ -180,3 +198,11 @@ def _print(report, report_path: Path | None) -> None:
         click.echo(report.table())
     if report_path:
         report_path.write_text(report.to_json())
+    _warn_broken(report)
+
+
+def _warn_broken(report) -> None:
+    broken = sum(1 for b in report.blocks if b.broken_export)
+    if broken:
+        click.echo(f"moe-fusion: {broken} block{'s' * (broken != 1)} of this model come from a broken export (its "
+                   "outputs are wrong, not merely unfused): see the reasons above and docs/converting.md", err=True)

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import openvino as ov
 
-from moe_fusion import catalogue, router
+from moe_fusion import broken, catalogue, router
 from moe_fusion.block import WEIGHT_NAMES, Decline, MoEBlock, block_name, has_shared_expert, module_path
 from moe_fusion.pattern import same
-from moe_fusion.prove import prove
+from moe_fusion.prove import Pending, Proof, begin, cancel, finish, start_workers
 from moe_fusion.report import BlockReport, Report
 from moe_fusion.rewrite import apply, build
 
@@ -112,7 +112,12 @@ def fuse(
     start = time.perf_counter()
     families = catalogue.load(patterns)
     blocks, misses = candidates(model, families)
+    misses += broken.mark(model, misses)  # traces that froze routing: the model is wrong, not unfused
     report = Report(blocks=list(misses))
+    if verify and blocks and not dry_run:
+        start_workers()
+    if progress:
+        progress(0, len(blocks))
     for done, block in enumerate(blocks, start=1):
         reason = completeness(block)
         if reason:
@@ -131,13 +136,19 @@ def fuse(
 
 
 def _rewrite(block: MoEBlock, verify: bool) -> BlockReport:
+    # The original side of the proof starts first: it compiles in its worker while the weights are stacked.
+    proving = begin(block) if verify else None
     try:
-        fused, replacement = build(block)
-    except ValueError as error:  # FusedExperts validation: shapes that do not fit the op
-        return _row(block, "skipped", str(error))
+        _fused, replacement = build(block)
+    except BaseException as error:
+        if isinstance(proving, Pending):
+            cancel(proving)
+        if isinstance(error, ValueError):  # FusedExperts validation: shapes that do not fit the op
+            return _row(block, "skipped", str(error))
+        raise
     row = _row(block, "fused")
     if verify:
-        proof = prove(block, fused, replacement)
+        proof = proving if isinstance(proving, Proof) else finish(proving, replacement)
         row.max_abs_error, row.experts_covered = proof.max_abs_error, proof.experts_covered
         row.experts_routed, row.proof_notes = proof.experts_routed, list(proof.notes)
         if not proof.ok:

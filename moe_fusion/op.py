@@ -13,7 +13,14 @@ import numpy as np
 import openvino as ov
 from openvino import DiscreteTypeInfo, Op, OpExtension
 
-from moe_fusion.reference import EXPERT_TYPES, GEMM2_BIAS_SWIGLU_CLAMP, GEMM3_SWIGLU, fused_experts
+from moe_fusion.reference import (
+    EXPERT_TYPES,
+    GEMM2_BIAS_SWIGLU_CLAMP,
+    GEMM3_SWIGLU,
+    ExpertWeights,
+    bf16_weights,
+    fused_experts,
+)
 
 INPUT_NAMES = {
     GEMM3_SWIGLU: ("hidden_states", "routing_weights", "topk_indices", "w_gate", "w_up", "w_down"),
@@ -109,8 +116,12 @@ class FusedExperts(Op):
         return True
 
     def evaluate(self, outputs, inputs) -> bool:
-        arrays = [_to_numpy(t) for t in inputs]
-        out = fused_experts(arrays[0], arrays[1], arrays[2], arrays[3:], **self._attrs)
+        # Weights go to the kernel as stored (f16 stays f16, bf16 as its bits), widened per expert there.
+        # Inside a compiled model they are often f32 already: the CPU plugin folds decompression subgraphs
+        # (int4/int8 codes, f16 Converts) into f32 constants at compile time, before this op sees them.
+        arrays = [_to_numpy(t) for t in inputs[:3]]
+        weights = [_weights(t) for t in inputs[3:]]
+        out = fused_experts(arrays[0], arrays[1], arrays[2], weights, **self._attrs)
         outputs[0].shape = inputs[0].shape
         _write(outputs[0], out)
         return True
@@ -208,6 +219,13 @@ def _to_numpy(tensor: ov.Tensor) -> np.ndarray:
     # Tensor.data shows bf16 as float16 bits: widen the raw bits to float32 instead.
     if tensor.element_type == ov.Type.bf16:
         return (tensor.data.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return tensor.data
+
+
+def _weights(tensor: ov.Tensor) -> np.ndarray | ExpertWeights:
+    # bf16 stays as its bits, widened per expert: the whole stack in f32 would double its memory
+    if tensor.element_type == ov.Type.bf16:
+        return bf16_weights(tensor.data)
     return tensor.data
 
 

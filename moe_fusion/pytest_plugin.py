@@ -11,7 +11,8 @@ Marker (the test body runs after the check passed and may use the report)::
     def test_fused_model_ships(moe_report):
         assert moe_report.top1 == 1.0
 
-Options: `--moe-tokens 1,16,64`, `--moe-steps N`, `--moe-device CPU` set the defaults of both.
+Options: `--moe-tokens 1,16,64`, `--moe-steps N`, `--moe-device CPU`, `--moe-mode whole|layers` set the
+defaults of both.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--moe-tokens", default=None, help="token counts for moe equivalence checks, e.g. 1,16,64")
     group.addoption("--moe-steps", type=int, default=None, help="decode steps for moe equivalence checks")
     group.addoption("--moe-device", default=None, help="device for moe equivalence checks (default CPU)")
+    group.addoption("--moe-mode", default=None, choices=("whole", "layers"),
+                    help="mode of moe equivalence checks (default whole; layers: one MoE layer at a time)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -55,6 +58,8 @@ def _defaults(config: pytest.Config) -> dict[str, Any]:
         found["steps"] = config.getoption("--moe-steps")
     if config.getoption("--moe-device"):
         found["device"] = config.getoption("--moe-device")
+    if config.getoption("--moe-mode"):
+        found["mode"] = config.getoption("--moe-mode")
     return found
 
 

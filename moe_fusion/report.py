@@ -25,6 +25,7 @@ class BlockReport:
     proof_notes: list[str] = field(default_factory=list)
     router_node: str = ""  # the router's node name (TopK, or PhiMoE's sparsemixer Concat)
     stopped_at: str = ""  # skipped: "Type 'name'" of the node where matching stopped
+    broken_export: str = ""  # the export froze data-dependent routing: what is wrong and how to convert it
 
 
 @dataclass

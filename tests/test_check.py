@@ -53,7 +53,7 @@ def test_every_fused_fixture_passes(fixture, tmp_path):
     report = fuse(model)
     assert report.fused and not report.skipped, report.table()
     save(model, source, tmp_path / "fused")
-    fast = ("--steps", "1", "--tokens", "1,16", "--json", tmp_path / "r.json")
+    fast = ("--steps", "1", "--tokens", "1,16", "--json", tmp_path / "r.json", "--in-process")
     code, out, err = run("check", source, tmp_path / "fused", *fast)
     assert code == 0, err
     assert out.startswith("equivalent (")

@@ -11,6 +11,7 @@ import openvino as ov
 import openvino.opset14 as ops
 import pytest
 from click.testing import CliRunner
+from test_direct import BROKEN  # broken-export fixtures: nothing to fuse, nothing for a hook to trace
 
 import moe_fusion
 from moe_fusion import catalogue
@@ -126,7 +127,7 @@ def test_nothing_to_explain_when_everything_fuses():
     assert code == 0 and out.rstrip().endswith("every block found would fuse: nothing to explain")
 
 
-@pytest.mark.parametrize("fixture", sorted(p.name for p in FIXTURES.iterdir() if p.is_dir()))
+@pytest.mark.parametrize("fixture", sorted(p.name for p in FIXTURES.iterdir() if p.is_dir() and p.name not in BROKEN))
 def test_hooks_agree_with_the_families(fixture):
     """On every real export: the family that fuses a block traces it to the end; every other family's hook
     stops somewhere. A hook that matched everything everywhere would explain nothing."""

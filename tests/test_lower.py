@@ -20,6 +20,7 @@ import openvino as ov
 import openvino.opset14 as ops
 import pytest
 from click.testing import CliRunner
+from test_direct import BROKEN  # broken-export fixtures
 
 import moe_fusion
 from models.bench_models import SHAPES, fused_layer, layer_weights
@@ -46,7 +47,12 @@ from moe_fusion.lower import (
 )
 
 FIXTURES = Path(__file__).resolve().parent.parent / "models" / "fixtures"
-FIXTURE_NAMES = sorted(p.name for p in FIXTURES.iterdir() if p.is_dir())
+DIRECT_LOWERED = ("direct-deepseekv3", "direct-gptoss")
+# Broken exports fuse nothing; of the direct conversions (the same FusedExperts once fused) one GEMM3, one GEMM2.
+FIXTURE_NAMES = sorted(
+    p.name for p in FIXTURES.iterdir()
+    if p.is_dir() and p.name not in BROKEN and (not p.name.startswith("direct-") or p.name in DIRECT_LOWERED)
+)
 F32 = {"INFERENCE_PRECISION_HINT": "f32"}
 COMPRESSED = (ov.Type.u8, ov.Type.i8, ov.Type.u4, ov.Type.i4)
 

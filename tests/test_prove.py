@@ -35,7 +35,8 @@ def test_router_is_steered_to_every_expert(fixture):
     assert proof.ok, proof.reason
     assert proof.experts_routed == proof.experts_covered == block.num_experts  # the router itself chose all 8
     assert proof.cases[:2] == ["1 token", "3 tokens: zero row, duplicated row"]
-    assert "64 tokens steered to every expert" in proof.cases and "64 tokens with forced routing" in proof.cases
+    assert proof.cases[2] == "80 tokens steered to every expert"  # each expert's router row, sharper, 64 random
+    assert "64 tokens with forced routing" in proof.cases
 
 
 def unreachable_expert_block():
@@ -102,14 +103,90 @@ def test_failure_names_the_case_token_and_experts():
     assert not proof.ok and " at token " in proof.reason and "(experts [" in proof.reason
 
 
-def test_a_proof_that_would_not_fit_in_memory_is_declined_not_attempted(monkeypatch):
-    """Proving compiles the block's weights twice in f32: with too little memory the block stays unfused,
-    with the reason and the way out, instead of the process being killed."""
+def crash(*_args):
+    """Stands in for the proof's worker job (imported by the worker process: it sees the tests' sys.path)."""
+    import faulthandler
+
+    faulthandler._sigsegv()
+
+
+def test_a_native_crash_while_proving_declines_the_block_and_fusing_goes_on(monkeypatch):
+    """Whatever the proof runs in OpenVINO runs in a worker process: a SIGSEGV there declines the block with
+    the reason, the other blocks are still proven, and the process that fuses lives on."""
     from moe_fusion import prove as prove_module
 
-    monkeypatch.setattr(prove_module, "_available_memory", lambda: 1 << 20)
     model = moe_fusion.read_model(FIXTURES / "gen1-mixtral" / "openvino_model.xml")
+    monkeypatch.setattr(prove_module, "run_side", crash)
     report = moe_fusion.fuse(model)
     assert [b.status for b in report.blocks] == ["skipped", "skipped"]
-    assert all("GB of memory" in b.reason and "--no-verify" in b.reason for b in report.blocks)
+    assert all("OpenVINO crashed running the block on CPU" in b.reason and "SIGSEGV" in b.reason for b in report.blocks)
     assert not any(n.get_type_name() == "FusedExperts" for n in model.get_ordered_ops())
+    monkeypatch.undo()
+    assert [b.status for b in moe_fusion.fuse(model).blocks] == ["fused", "fused"]  # fresh workers
+
+
+@pytest.fixture
+def mapped_weights(monkeypatch):
+    """Fixture-sized weights take the path real ones do: every constant over 1 KB reaches the worker as a
+    Parameter fed from the file its bytes live in, stacked weights in scratch files. Yields the proofs'
+    Locators, to see where the bytes came from."""
+    from moe_fusion import mapped, scratch
+
+    monkeypatch.setattr(mapped, "MAPPED_BYTES", 1024)
+    monkeypatch.setattr(scratch, "MAPPED_BYTES", 1024)
+    locators = []
+
+    class Recording(mapped.Locator):
+        def __init__(self, *args):
+            super().__init__(*args)
+            locators.append(self)
+
+    monkeypatch.setattr(mapped, "Locator", Recording)
+    return locators
+
+
+@pytest.mark.parametrize("fixture", ["gen1-mixtral", "gen1-qwen3moe-norm-int4-g16-asym", "gen1-gptoss"])
+def test_large_weights_are_mapped_into_the_worker_not_copied(fixture, mapped_weights):
+    _model, block = first_block(fixture)
+    fused, replacement = build(block)
+    proof = prove(block, fused, replacement)
+    assert proof.ok and proof.experts_covered == block.num_experts, proof.reason
+    # the IR's .bin (memory-mapped by read_model) and the unlinked scratch files: nothing written out
+    assert len(mapped_weights) == 2 and all(locator.spilled == 0 for locator in mapped_weights)
+
+
+@pytest.mark.parametrize("fault", ["two experts swapped", "gate and up swapped", "one expert zeroed"])
+def test_faults_are_rejected_with_mapped_weights(fault, mapped_weights):
+    from test_faults import GEMM3_FAULTS
+
+    _model, block = first_block("gen1-mixtral")
+    fused, _ = build(block)
+    bad = faulty(fused, GEMM3_FAULTS[fault])
+    proof = prove(block, bad, bad.output(0))
+    assert not proof.ok and proof.reason.startswith("outputs differ on"), proof.reason
+
+
+def test_weights_in_anonymous_memory_are_written_once_for_the_worker(mapped_weights):
+    """A model built in Python (or read from ONNX) has no file behind its constants: they are spilled."""
+    experts = random_experts(8, 32, 24, seed=3)
+    _model, block = synthetic_block(experts)
+    proof = prove(block, *build(block))
+    assert proof.ok, proof.reason
+    assert all(locator.spilled > 0 for locator in mapped_weights)
+
+
+def test_a_block_holding_memory_per_token_is_proven_in_pieces_that_fit(monkeypatch):
+    """A direct-conversion block gathers its K experts' weights for every token (151 MB per token at
+    Qwen3-30B-A3B's shape): its batch runs in pieces sized from the memory available, with the same cases."""
+    from moe_fusion import prove as prove_module
+
+    _model, block = first_block("direct-mixtral")
+    assert block.bytes_per_token > 0
+    monkeypatch.setattr(prove_module, "available_memory", lambda: int(10 * block.bytes_per_token / 0.2) + 1)
+    pieces = []
+    real = prove_module._batches
+    monkeypatch.setattr(prove_module, "_batches", lambda b, cases: pieces.extend(real(b, cases)) or pieces)
+    proof = prove(block, *build(block))
+    assert proof.ok and proof.experts_covered == block.num_experts, proof.reason
+    assert len(pieces) > 10 and max(sum(len(c.rows) for c in piece) for piece in pieces[1:]) == 10
+    assert proof.cases[:3] == ["1 token", "3 tokens: zero row, duplicated row", "80 tokens steered to every expert"]
