@@ -1,14 +1,25 @@
-"""Compile time, prefill and decode latency of one MoE layer: unfused originals vs FusedExperts lowered.
+"""Compile time, prefill and decode latency and runtime memory of one MoE layer: unfused originals, OpenVINO's
+native path, FusedExperts lowered, and ONNX Runtime's fused MoE kernel.
 
     python benchmarks/lowering.py [--layer qwen3|mixtral] [--weights f16|int4] [--runs 5]
-                                  [--targets tiled,grouped,per-expert] [--precision default|f32|bf16] [--no-reference]
+                                  [--targets auto,per-expert,cpu,tiled,grouped] [--prefill 128,512]
+                                  [--precision default|f32|bf16] [--reference] [--no-ort]
                                   [--one-at-a-time auto|yes|no] [--profile] [--transpose-op] [--per-expert]
+    benchmarks/lowering_all.sh      # both shapes, f16 and int4, under the benchmark lock
+
+Runtime memory per form: the bytes of the form's weights (its constants; for ONNX Runtime what the session
+read) plus what compiling and the first prefill and decode add to the process's peak RSS (VmHWM, reset
+before each form through /proc/self/clear_refs).
 
 Builds the layer (models/bench_models.py) as the per-expert loop an optimum-intel 1.x export holds (F1) and
 as the tiled form OpenVINO's CPU plugin runs natively as GatherMatmul (F2), fuses the loop into FusedExperts
 (moe_fusion.fuse; f16 or NNCF-style int4 weights, which stay compressed) and lowers it to each target
-(moe_fusion.lower), all in this one run, and prints per form: compile time, prefill (T=128) and decode (T=1)
-latency as the median of --runs rounds, the expert kernels of its runtime graph (GatherMatmul,
+(moe_fusion.lower; `auto`, the default, is resolved for this CPU and labelled with the form it chose; a
+target it coincides with is timed once), builds ONNX Runtime's `com.microsoft.MoE` (f32 weights) or `QMoE`
+(int4) layer (benchmarks/ort_moe.py), all in this one run, and prints per form: compile time, prefill (T=128,
+and 512 at Qwen3) and decode (T=1)
+latency (decode: 8 distinct tokens one after another per round, so routing changes every step as in generation;
+the median over steps) as the median of --runs rounds, the expert kernels of its runtime graph (GatherMatmul,
 GatherMatmulCompressed, FullyConnected), their ratios against the loop and the native tiled path, and the
 decode bandwidth floor: the bytes of the K experts a token reads divided by the memory read bandwidth
 measured here (numpy, one thread).
@@ -18,7 +29,7 @@ once, each round running every form in turn, so load from other processes on sha
 forms alike. One at a time (`--one-at-a-time yes`, or `auto` when the estimated memory of all compiled forms
 exceeds MemAvailable, e.g. Mixtral's 2.8 GB of f16 experts): compile a form, time its rounds, drop it, next
 form; still all in one run, but load changes between forms land on one form only (the log prints the load
-average after each). The FusedExperts numpy kernel is timed on its own either way, with 3 rounds.
+average after each). The FusedExperts numpy kernel (`--reference`) is timed on its own either way, with 3 rounds.
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ import gc
 import os
 import statistics
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -38,25 +50,82 @@ from pathlib import Path
 
 import numpy as np
 import openvino as ov
+import openvino.opset8 as ops8
+import openvino.opset14 as ops
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.ort_moe import OrtForm, ort_moe_model
 from models.bench_models import SHAPES, WEIGHT_TYPES, LayerWeights, layer_weights, loop_layer, tiled_layer
+from moe_fusion.compressed import mark_decompression
 from moe_fusion.fuse import fuse
 from moe_fusion.io import core
-from moe_fusion.lower import PER_EXPERT, TARGETS, lower
+from moe_fusion.lower import AUTO, PER_EXPERT, TARGETS, TILED, CpuFacts, choose_form, fused_experts_nodes, lower
 
-PREFILL, DECODE = 128, 1
+DECODE_STEPS = 8  # decode: distinct tokens one after another, so routing (and the experts read) changes per step
 
 
 @dataclass
 class Row:
     form: str
     compile_s: float
-    prefill_ms: float
+    prefill_ms: dict  # tokens -> median ms
     decode_ms: float
     prepare_s: float = 0.0  # fuse + lower (or building the FusedExperts), outside compile
     max_rel: float = 0.0  # largest |difference| vs the loop original, relative to its scale (prefill)
+    memory_gb: float = 0.0  # weights held + peak RSS growth of compile and the first inference
+    first_s: float = 0.0  # compile + the first prefill (FullyConnected packs its weights then, GatherMatmul at compile)
+
+
+def constant_bytes(model: ov.Model) -> int:
+    """Bytes of the model's constants, If bodies included, each constant once."""
+    sizes: dict[int, int] = {}
+
+    def walk(graph: ov.Model) -> None:
+        for node in graph.get_ordered_ops():
+            if node.get_type_name() == "Constant":
+                sizes[node.get_instance_id()] = node.get_byte_size()
+            elif node.get_type_name() == "If":
+                walk(node.get_then_body())
+                walk(node.get_else_body())
+
+    walk(model)
+    return sum(sizes.values())
+
+
+def if_hybrid(fused: ov.Model) -> ov.Model:
+    """The `If` route of issue 13, as a measured prototype (not a target): `If(tokens > 1)` runs the
+    per-expert form, else (decode) the tiled GatherMatmul form; both bodies built from the same stacked
+    weights (the plugin still packs each body's own copy)."""
+    model = fused.clone()
+    for node in fused_experts_nodes(model):
+        bodies = []
+        for target in (PER_EXPERT, TILED):
+            params = [ops.parameter(node.input_value(i).get_partial_shape(), node.input_value(i).get_element_type())
+                      for i in range(3)]
+            weights = [node.input_value(i) for i in range(3, node.get_input_size())]
+            clone = node.clone_with_new_inputs([p.output(0) for p in params] + weights)
+            body = ov.Model([ops.result(clone)], params)
+            lower(body, target)
+            bodies.append((body, params))
+        (then_body, then_params), (else_body, else_params) = bodies
+        slots = ops.reduce_prod(ops.shape_of(node.input_value(2)), ops.constant(np.int64(0)), False)  # T*K
+        top_k = node.get_input_partial_shape(2)[-1].get_length()
+        branch = ops8.if_op(ops.greater(slots, ops.constant(np.int64(top_k))).output(0))  # more than 1 token
+        branch.set_then_body(then_body)
+        branch.set_else_body(else_body)
+        for i, (then_param, else_param) in enumerate(zip(then_params, else_params, strict=True)):
+            branch.set_input(node.input_value(i), then_param, else_param)
+        out = branch.set_output(then_body.get_results()[0], else_body.get_results()[0])
+        node.output(0).replace(out)
+    model.validate_nodes_and_infer_types()
+    return model
+
+
+def reset_peak_rss() -> None:
+    """VmHWM := VmRSS (Linux), so the next peak is this form's."""
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")
 
 
 def read_bandwidth(gib: float = 1.0, repeats: int = 3, threads: int = 1) -> float:
@@ -77,24 +146,44 @@ class Timed:
     """One compiled form and its latencies; in interleaved mode rounds alternate the forms, so load other
     processes put on the shared cores lands on every form alike."""
 
-    def __init__(self, form: str, model: ov.Model, config: dict, prepare_s: float) -> None:
+    def __init__(self, form: str, model, config: dict, prepare_s: float, first: dict) -> None:
+        """`model`: an ov.Model, or the path of ORT's .onnx; `first`: the inputs of the first inference."""
+        held = constant_bytes(model) if isinstance(model, ov.Model) else 0
+        gc.collect()
+        before = rss_gb()[0]
+        reset_peak_rss()
         start = time.perf_counter()
-        self.compiled = core().compile_model(model, "CPU", config)
-        self.row = Row(form, time.perf_counter() - start, 0.0, 0.0, prepare_s)
-        self.request = self.compiled.create_infer_request()
-        self.times: dict[str, list[float]] = {"prefill": [], "decode": []}
-        self.kernels = runtime_kernels(self.compiled)
+        if isinstance(model, ov.Model):
+            self.compiled = core().compile_model(model, "CPU", config)
+            self.request = self.compiled.create_infer_request()
+            self.kernels = runtime_kernels(self.compiled)
+        else:
+            self.request = OrtForm(model, os.cpu_count() or 1)
+            self.kernels = Counter({"onnxruntime " + Path(model).stem: 1})
+        self.row = Row(form, time.perf_counter() - start, {}, 0.0, prepare_s)
+        for x in first.values():
+            self.output(x)
+            if not self.row.first_s:
+                self.row.first_s = time.perf_counter() - start
+        self.row.memory_gb = held / 1e9 + rss_gb()[1] - before
+        self.times: dict[str, list[float]] = {phase: [] for phase in first}
 
     def run(self, phase: str, x: np.ndarray) -> None:
-        start = time.perf_counter()
-        self.request.infer({0: x})
-        self.times[phase].append(time.perf_counter() - start)
+        for step in x if x.ndim == 4 else [x]:  # decode: [steps, 1, 1, H], one timed inference per token
+            start = time.perf_counter()
+            self.output(step)
+            self.times[phase].append(time.perf_counter() - start)
 
     def output(self, x: np.ndarray) -> np.ndarray:
+        if x.ndim == 4:
+            return [self.output(step) for step in x][-1]
+        if isinstance(self.request, OrtForm):
+            return self.request.infer(x)
         return self.request.infer({0: x})[0].copy()
 
     def finish(self, want: np.ndarray | None, got: np.ndarray) -> Row:
-        self.row.prefill_ms = 1e3 * statistics.median(self.times["prefill"])
+        self.row.prefill_ms = {int(p.split("-")[1]): 1e3 * statistics.median(t) for p, t in self.times.items()
+                               if p.startswith("prefill")}
         self.row.decode_ms = 1e3 * statistics.median(self.times["decode"])
         if want is not None:
             self.row.max_rel = float(np.abs(got - want).max() / np.abs(want).max())
@@ -114,39 +203,56 @@ def runtime_kernels(compiled: ov.CompiledModel) -> Counter:
     return kinds
 
 
-def profile(form: Timed, x: np.ndarray, top: int = 6) -> str:
-    """One prefill with PERF_COUNT on: where its time goes, by layer type and kernel (exec_type)."""
-    form.request.infer({0: x})
-    spent: Counter = Counter()
-    for info in form.request.get_profiling_info():
-        spent[f"{info.node_type}/{info.exec_type}"] += info.real_time.total_seconds() * 1e3
-    total = sum(spent.values())
-    parts = ", ".join(f"{k} {v:.1f} ms ({v / total:.0%})" for k, v in spent.most_common(top))
-    return f"  profile {form.row.form}: {total:.1f} ms in nodes: {parts}"
+def profile(form: Timed, inputs: dict, top: int = 6) -> str:
+    """One inference per phase with PERF_COUNT on: its wall time, the time inside nodes, and where that goes
+    by layer type and kernel (exec_type). Nodes that did not run (idle experts) keep their previous counters
+    in the plugin's report: only counters that changed in this inference are counted."""
+    if isinstance(form.request, OrtForm):
+        return f"  profile {form.row.form}: (ONNX Runtime, not profiled)"
+    lines = []
+    before = {}
+    for phase, x in inputs.items():
+        if x.ndim == 4:  # decode: the steps before the profiled one run first, as in the timed rounds
+            for step in x[:-1]:
+                form.request.infer({0: step})
+            before = {info.node_name: info.real_time for info in form.request.get_profiling_info()}
+            x = x[-1]
+        start = time.perf_counter()
+        form.request.infer({0: x})
+        wall = 1e3 * (time.perf_counter() - start)
+        spent: Counter = Counter()
+        ran: Counter = Counter()
+        for info in form.request.get_profiling_info():
+            stale = before.get(info.node_name) == info.real_time
+            before[info.node_name] = info.real_time
+            if info.real_time.total_seconds() > 0 and not stale:
+                spent[f"{info.node_type}/{info.exec_type}"] += info.real_time.total_seconds() * 1e3
+                ran[f"{info.node_type}/{info.exec_type}"] += 1
+        total = sum(spent.values())
+        parts = ", ".join(f"{k} x{ran[k]} {v:.2f} ms ({v / total:.0%})" for k, v in spent.most_common(top))
+        lines.append(f"  profile {form.row.form} {phase}: wall {wall:.2f} ms, {total:.2f} ms in "
+                     f"{sum(ran.values())} nodes: {parts}")
+    return "\n".join(lines)
 
 
 def measure(forms: list[Timed], inputs: dict, runs: int) -> list[Row]:
     """Interleaved: every form compiled and alive at once, rounds running each form in turn."""
-    for form in forms:  # warm-up: first touch of the weights, shape-dependent kernels
-        for x in inputs.values():
-            form.output(x)
-    for _ in range(runs):
+    for _ in range(runs):  # the first inference of every shape ran when the form was made
         for phase, x in inputs.items():
             for form in forms:
                 form.run(phase, x)
-    want = forms[0].output(inputs["prefill"])
-    return [form.finish(want, form.output(inputs["prefill"])) for form in forms]
+    first = next(p for p in inputs if p.startswith("prefill"))
+    want = forms[0].output(inputs[first])
+    return [form.finish(want, form.output(inputs[first])) for form in forms]
 
 
 def measure_alone(form: Timed, inputs: dict, runs: int) -> np.ndarray:
     """One form on its own (one-at-a-time mode): warm-up, then `runs` rounds of prefill and decode.
     Returns its prefill output."""
-    for x in inputs.values():
-        form.output(x)
     for _ in range(runs):
         for phase, x in inputs.items():
             form.run(phase, x)
-    return form.output(inputs["prefill"])
+    return form.output(inputs[next(p for p in inputs if p.startswith("prefill"))])
 
 
 def timed(fn: Callable[[], ov.Model]) -> tuple[ov.Model, float]:
@@ -192,10 +298,24 @@ def _fuse_in_place(model: ov.Model) -> ov.Model:
     return model
 
 
-def build_forms(weights: LayerWeights, targets: list[str], transpose_op: bool, reference: bool) -> Iterator:
+def as_exported(build: Callable[[LayerWeights], ov.Model], weights: LayerWeights) -> ov.Model:
+    """`build(weights)` with every Convert of f16/bf16 storage marked decompression, as `--weight-format
+    fp16` exports (and save_model's fp16 compression) store them; unmarked, the plugin folds them into f32
+    copies."""
+    model = build(weights)
+    for node in model.get_ordered_ops():
+        source = node.input_value(0) if node.get_input_size() else None
+        if node.get_type_name() == "Convert" and source.get_node().get_type_name() == "Constant" \
+                and source.get_element_type() in (ov.Type.f16, ov.Type.bf16):
+            mark_decompression(node)
+    return model
+
+
+def build_forms(weights: LayerWeights, targets: list[str], transpose_op: bool, reference: bool,
+                ort: Path | None, hybrid: bool = False) -> Iterator:
     """(form name, model, prepare seconds, measured alone?) one at a time; the caller compiles each model
     before asking for the next, so a model may be changed or dropped after it was yielded."""
-    loop, build_s = timed(partial(loop_layer, weights))
+    loop, build_s = timed(partial(as_exported, loop_layer, weights))
     yield "F1 loop (original)", loop, build_s, False
 
     fused, fuse_s = timed(partial(_fuse_in_place, loop))  # the loop is compiled already
@@ -203,20 +323,42 @@ def build_forms(weights: LayerWeights, targets: list[str], transpose_op: bool, r
     print(f"fused the loop in {fuse_s:.1f} s: {kinds['FusedExperts']} FusedExperts, "
           f"{kinds['Constant']} constants left", flush=True)
     del loop
-    native, build_s = timed(partial(tiled_layer, weights))
+    native, build_s = timed(partial(as_exported, tiled_layer, weights))
     del weights  # from here on only `fused` holds the layer's weights (Mixtral: 2.8 GB each copy)
     yield "F2 tiled (native GatherMatmul)", native, build_s, False
     del native
-    for target in targets:
+    for target, label in _labels(fused, targets).items():
         model, lower_s = timed(lambda target=target: _lowered(fused, target, True))
-        yield f"F1 -> lowered {target}", model, fuse_s + lower_s, False
+        yield f"F1 -> lowered {label}", model, fuse_s + lower_s, False
         del model
     if transpose_op:
         model, lower_s = timed(lambda: _lowered(fused, targets[0], False))
         yield f"F1 -> lowered {targets[0]} (Transpose op)", model, fuse_s + lower_s, False
         del model
+    if hybrid:
+        model, lower_s = timed(lambda: if_hybrid(fused))
+        yield "F1 -> If(T>1: per-expert, tiled) proto", model, fuse_s + lower_s, False
+        del model
+    if ort is not None:
+        yield f"ORT {'MoE f32' if ort.name == 'moe.onnx' else 'QMoE int4'} (peer)", ort, 0.0, False
     if reference:
         yield "F1 -> FusedExperts (numpy)", fused, fuse_s, True
+
+
+def _labels(fused: ov.Model, targets: list[str]) -> dict[str, str]:
+    """Target -> row label; `auto` names the form it chose on this CPU, and a target that is that same form
+    is not timed twice (its row is auto's)."""
+    labels = {}
+    cpu = CpuFacts.detect()
+    chosen = {choose_form(node, cpu)[0] for node in fused_experts_nodes(fused)}
+    for target in targets:
+        if target == AUTO:
+            labels[target] = f"auto = {'/'.join(sorted(chosen))}"
+        elif AUTO in targets and {target} == chosen:
+            continue
+        else:
+            labels[target] = target
+    return labels
 
 
 def main() -> None:
@@ -224,10 +366,18 @@ def main() -> None:
     parser.add_argument("--layer", choices=sorted(SHAPES), default="qwen3")
     parser.add_argument("--weights", choices=WEIGHT_TYPES, default="f16")
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--targets", default="tiled,grouped",
-                        help=f"lowering targets, comma-separated ({', '.join(TARGETS)}; cpu = tiled here)")
+    parser.add_argument("--targets", default="auto,per-expert",
+                        help=f"lowering targets, comma-separated ({', '.join(TARGETS)}; auto is resolved for "
+                             "this CPU; a target equal to auto's choice is timed once)")
+    parser.add_argument("--prefill", default="",
+                        help="prefill token counts, comma-separated (default: 128,512 at qwen3, 128 at mixtral)")
+    parser.add_argument("--no-ort", action="store_true", help="skip ONNX Runtime's MoE/QMoE peer")
+    parser.add_argument("--hybrid", choices=("auto", "yes", "no"), default="auto",
+                        help="also time the If(tokens > 1) prototype: per-expert prefill, tiled decode (auto: "
+                             "at qwen3, where it fits in memory)")
     parser.add_argument("--precision", default="default", help="INFERENCE_PRECISION_HINT (default: the plugin's)")
-    parser.add_argument("--no-reference", action="store_true", help="skip the FusedExperts numpy kernel")
+    parser.add_argument("--reference", action="store_true", help="also time the FusedExperts numpy kernel")
+    parser.add_argument("--no-reference", action="store_true", help=argparse.SUPPRESS)  # the old default
     parser.add_argument("--transpose-op", action="store_true",
                         help="also lower with a Transpose the plugin folds at compile (vs weights copied once)")
     parser.add_argument("--one-at-a-time", choices=("auto", "yes", "no"), default="auto",
@@ -249,61 +399,70 @@ def main() -> None:
     if args.per_expert and PER_EXPERT not in targets:
         targets.append(PER_EXPERT)
 
+    prefills = [int(t) for t in (args.prefill or ("128,512" if args.layer == "qwen3" else "128")).split(",")]
+
     bandwidth = read_bandwidth()
     threads = os.cpu_count() or 1
     bandwidth_all = read_bandwidth(threads=threads)
     weights = layer_weights(shape, args.weights)
     expert_bytes = weights.expert_bytes()
     layer_bytes = shape.experts * expert_bytes
-    decode_floor = 1e3 * shape.top_k * expert_bytes / bandwidth
-    prefill_floor = 1e3 * layer_bytes / bandwidth
+    decode_floor = 1e3 * shape.top_k * expert_bytes / bandwidth_all
+    prefill_floor = 1e3 * layer_bytes / bandwidth_all
     precision = args.precision if "INFERENCE_PRECISION_HINT" in config else \
         core().get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name()
-    n_forms = 2 + len(targets) + args.transpose_op
+    ort = None
+    if not args.no_ort:
+        start = time.perf_counter()
+        ort = ort_moe_model(weights, Path(tempfile.mkdtemp(prefix="moe-ort-")))
+        print(f"wrote ONNX Runtime's layer in {time.perf_counter() - start:.1f} s: {ort}", flush=True)
+    hybrid = args.hybrid == "yes" or (args.hybrid == "auto" and args.layer == "qwen3")
+    n_forms = (2 + len(targets) + args.transpose_op + (ort is not None) * (4 if args.weights == "f16" else 1)
+               + 3 * hybrid)  # the If prototype holds both forms' kernels and two copies of the weights
     estimate = (_RSS_PER_FORM * n_forms + _RSS_BUILDING) * layer_bytes  # int4 stays compressed when compiled
     alone = args.one_at_a_time == "yes" or (args.one_at_a_time == "auto" and estimate > available_bytes())
     print(f"{shape.name} layer: H={shape.hidden} I={shape.intermediate} E={shape.experts} K={shape.top_k}, "
-          f"{args.weights} weights {layer_bytes / 1e9:.2f} GB; CPU precision {precision}, "
-          f"{core().get_property('CPU', 'INFERENCE_NUM_THREADS') or 'default'} threads; median of {args.runs}; "
-          f"load average {os.getloadavg()[0]:.1f} on {threads} cores")
-    print(f"memory: all {n_forms} forms at once estimated {estimate / 1e9:.0f} GB, available "
+          f"{args.weights} weights {layer_bytes / 1e9:.2f} GB; CPU {CpuFacts.detect().describe()}; OpenVINO "
+          f"precision {precision}; median of {args.runs}; load average {os.getloadavg()[0]:.1f} on {threads} cores")
+    print(f"memory: all forms at once estimated {estimate / 1e9:.0f} GB, available "
           f"{available_bytes() / 1e9:.0f} GB -> {'one form at a time' if alone else 'interleaved'}")
     print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s (numpy, 1 thread), {bandwidth_all / 1e9:.1f} GB/s ({threads} "
-          f"threads: floor {1e3 * shape.top_k * expert_bytes / bandwidth_all:.2f} ms)")
-    print(f"1-thread floors: decode {decode_floor:.2f} ms "
-          f"(K experts, {shape.top_k * expert_bytes / 1e6:.0f} MB), all-experts stream {prefill_floor:.1f} ms",
-          flush=True)
+          f"threads); floors at {threads} threads: decode {decode_floor:.2f} ms (K experts, "
+          f"{shape.top_k * expert_bytes / 1e6:.0f} MB), all-experts stream {prefill_floor:.1f} ms", flush=True)
 
     rng = np.random.default_rng(0)
-    inputs = {n: rng.standard_normal((1, t, shape.hidden), dtype=np.float32) for n, t in
-              (("prefill", PREFILL), ("decode", DECODE))}
-    forms = build_forms(weights, targets, args.transpose_op, not args.no_reference)
+    inputs = {f"prefill-{t}": rng.standard_normal((1, t, shape.hidden), dtype=np.float32) for t in prefills}
+    inputs["decode"] = rng.standard_normal((DECODE_STEPS, 1, 1, shape.hidden), dtype=np.float32)
+    first = f"prefill-{prefills[0]}"
+    forms = build_forms(weights, targets, args.transpose_op, args.reference, ort, hybrid)
     del weights
     rows: list[Row] = []
     live: list[Timed] = []
     want = None
     notes = []
     for name, model, prepare_s, by_itself in forms:
-        form = Timed(name, model, config, prepare_s)
+        form = Timed(name, model, config, prepare_s, {first: inputs[first]} if by_itself else inputs)
         del model
         print(f"compiled {name} in {form.row.compile_s:.1f} s; runtime kernels "
-              f"{dict(form.kernels) or 'none'}; RSS {rss_gb()[0]:.1f} GB (peak {rss_gb()[1]:.1f})", flush=True)
+              f"{dict(form.kernels) or 'none'}; memory {form.row.memory_gb:.2f} GB; RSS {rss_gb()[0]:.1f} GB",
+              flush=True)
         if not (alone or by_itself):
             live.append(form)
             continue
         if live:  # interleaved forms are measured before the numpy reference, then dropped
             rows += measure(live, inputs, args.runs)
-            want = want if want is not None else live[0].output(inputs["prefill"])
-            notes += [profile(f, inputs["prefill"]) for f in live if args.profile]
+            want = want if want is not None else live[0].output(inputs[first])
+            notes += [profile(f, inputs) for f in live if args.profile]
             live.clear()
             gc.collect()
-        got = measure_alone(form, inputs, 3 if by_itself else args.runs)
+        got = measure_alone(form, {first: inputs[first], "decode": inputs["decode"]} if by_itself else inputs,
+                            3 if by_itself else args.runs)
         rows.append(form.finish(None if by_itself else want, got))
         if want is None:
             want = got
         if args.profile and not by_itself:
-            notes.append(profile(form, inputs["prefill"]))
-        print(f"  {name}: prefill {form.row.prefill_ms:.1f} ms, decode {form.row.decode_ms:.2f} ms, load "
+            notes.append(profile(form, inputs))
+        print(f"  {name}: prefill {form.row.prefill_ms} ms, decode {form.row.decode_ms:.2f} ms, load "
               f"{os.getloadavg()[0]:.1f}", flush=True)
         if by_itself:
             form.row.max_rel = float("nan")
@@ -311,29 +470,33 @@ def main() -> None:
         gc.collect()
     if live:
         rows += measure(live, inputs, args.runs)
-        notes += [profile(f, inputs["prefill"]) for f in live if args.profile]
+        notes += [profile(f, inputs) for f in live if args.profile]
     print("\n".join(notes))
-    _table(rows, decode_floor, prefill_floor)
+    _table(rows, prefills, decode_floor, prefill_floor)
 
 
-def _table(rows: list[Row], decode_floor: float, prefill_floor: float) -> None:
+def _table(rows: list[Row], prefills: list[int], decode_floor: float, prefill_floor: float) -> None:
     base = rows[0]
     native = next((r for r in rows if r.form.startswith("F2")), None)
-    head = (f"{'form':<34} {'prep s':>6} {'compile s':>9} {'prefill ms':>10} {'decode ms':>9} | "
-            f"{'compile':>7} {'prefill':>7} {'decode':>7} vs {base.form.split()[0]} | "
-            f"{'prefill':>7} {'decode':>7} vs native | {'floor/decode':>12} {'max rel':>8}")
+    head = (f"{'form':<40} {'compile s':>9} {'+1st s':>6} " + " ".join(f"{f'prefill-{t} ms':>15}" for t in prefills)
+            + f" {'decode ms':>9} {'memory GB':>9} | {'prefill':>7} {'decode':>7} vs loop | {'prefill':>7} "
+            f"{'decode':>7} {'memory':>7} vs native | {'floor/dec':>9} {'max rel':>8}")
     print(head)
     print("-" * len(head))
     for r in rows:
-        vs_native = (f"{native.prefill_ms / r.prefill_ms:>6.2f}x {native.decode_ms / r.decode_ms:>6.2f}x"
-                     if native else " " * 15)
-        print(f"{r.form:<34} {r.prepare_s:>6.1f} {r.compile_s:>9.2f} {r.prefill_ms:>10.1f} {r.decode_ms:>9.2f} | "
-              f"{base.compile_s / r.compile_s:>6.2f}x {base.prefill_ms / r.prefill_ms:>6.2f}x "
-              f"{base.decode_ms / r.decode_ms:>6.2f}x    | {vs_native}           | "
-              f"{decode_floor / r.decode_ms:>11.0%} {r.max_rel:>8.1e}")
-    print(f"ratios > 1: faster than the loop / the native path. floor/decode: decode floor {decode_floor:.2f} ms "
-          f"over the measured decode (100% = at the bandwidth bound); prefill's all-experts stream is "
-          f"{prefill_floor:.1f} ms. max rel: prefill output vs the first row, at the run's precision.")
+        t = prefills[0]
+        vs_native = (f"{native.prefill_ms[t] / r.prefill_ms[t]:>6.2f}x {native.decode_ms / r.decode_ms:>6.2f}x "
+                     f"{r.memory_gb / native.memory_gb:>6.2f}x" if native else " " * 23)
+        prefill = " ".join(f"{r.prefill_ms[p]:>15.1f}" for p in prefills)
+        print(f"{r.form:<40} {r.compile_s:>9.2f} {r.first_s:>6.2f} {prefill}"
+              + f" {r.decode_ms:>9.2f} {r.memory_gb:>9.2f} | {base.prefill_ms[t] / r.prefill_ms[t]:>6.2f}x "
+              f"{base.decode_ms / r.decode_ms:>6.2f}x     | {vs_native}           | "
+              f"{decode_floor / r.decode_ms:>8.0%} {r.max_rel:>8.1e}")
+    print(f"ratios > 1: faster than the loop / the native path (prefill at {prefills[0]} tokens); memory vs native "
+          f"< 1: less. floor/dec: decode floor {decode_floor:.2f} ms over the measured decode (100% = at the bandwidth "
+          f"bound); prefill's all-experts stream is {prefill_floor:.1f} ms. max rel: prefill output vs the first "
+          "row, at the run's precision. memory: weights held + peak RSS growth of compile and first inference. "
+          "+1st s: compile and the first prefill (FullyConnected packs its weights at its first run).")
 
 
 if __name__ == "__main__":

@@ -65,7 +65,8 @@ patterns_option = click.option(
 @click.option("--no-verify", is_flag=True, help="Skip the per-block numerical proof.")
 @click.option("--force", is_flag=True, help="Overwrite an existing OUTPUT.")
 @click.option("--in-place", is_flag=True, help="Allow OUTPUT to be INPUT.")
-@click.option("--lower", "lower_target", type=click.Choice(TARGETS), help="Then lower to native ops for TARGET.")
+@click.option("--lower", "lower_target", type=click.Choice(TARGETS), is_flag=False, flag_value=DEFAULT_TARGET,
+              help=f"Then lower to native ops for TARGET (alone: {DEFAULT_TARGET}, chosen for this CPU).")
 @one_line_errors
 def fuse_command(input_path, output, report_path, patterns, no_verify, force, in_place, lower_target) -> None:
     """Rewrite every MoE block of INPUT (IR .xml, .onnx or optimum-intel folder) into FusedExperts."""
@@ -105,7 +106,9 @@ def fuse_command(input_path, output, report_path, patterns, no_verify, force, in
 @click.argument("input_path", metavar="FUSED", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Lowered model (.xml or folder).")
 @click.option("--target", type=click.Choice(TARGETS), default=DEFAULT_TARGET, show_default=True,
-              help="cpu: GatherMatmul-friendly tiled form, grouped where it would not fire.")
+              help="auto: chosen for this CPU (per-expert GEMMs for few large experts without AMX, else cpu; "
+                   "recorded in the model's rt_info); cpu: GatherMatmul-friendly tiled form, grouped where it "
+                   "would not fire.")
 @click.option("--force", is_flag=True, help="Overwrite an existing OUTPUT.")
 @click.option("--in-place", is_flag=True, help="Allow OUTPUT to be FUSED.")
 @one_line_errors

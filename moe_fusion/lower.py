@@ -2,7 +2,13 @@
 
 Targets (docs/lowering.md has the measurements behind the default):
 
-- `cpu` (default): `tiled` where the plugin turns it into GatherMatmul, `grouped` where it would not
+- `auto` (default): chosen per block at lowering time for the CPU lowering runs on (`CpuFacts`, injectable;
+  `choose_form`): with AMX and bf16 inference what `cpu` does. Otherwise GatherMatmul runs one GEMV per
+  routed row (prefill 2-13x slower than per-expert GEMMs), while per-expert pays for each of its expert GEMM
+  nodes at every decode step: `per-expert` when the experts are few and large (Mixtral), `cpu` when they are
+  many and small (Qwen3-MoE). The choice, its reason and the CPU facts are recorded in the model's rt_info
+  (`moe_fusion/lowering/...`).
+- `cpu`: `tiled` where the plugin turns it into GatherMatmul, `grouped` where it would not
   (`tiled_reason`: GEMM2 with all-zero biases, a swish beta other than 1 in GEMM3).
 - `tiled`: the tiled MoE block the CPU plugin's `ConvertTiledMoeBlockToGatherMatmuls` matches (x86-64) and
   turns into `GatherMatmul` (`GatherMatmulCompressed` for int8/int4 weights), which computes only the top-k
@@ -28,6 +34,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import openvino as ov
@@ -38,15 +45,18 @@ import openvino.opset17 as ops17
 from openvino.utils.node_factory import NodeFactory
 
 from moe_fusion.compressed import mark_decompression
+from moe_fusion.io import core
 from moe_fusion.reference import GEMM2_BIAS_SWIGLU_CLAMP, GEMM3_SWIGLU
 
 FUSED_EXPERTS = "FusedExperts"
+AUTO = "auto"
 CPU = "cpu"
 TILED = "tiled"
 GROUPED = "grouped"
 PER_EXPERT = "per-expert"
-TARGETS = (CPU, TILED, GROUPED, PER_EXPERT)
-DEFAULT_TARGET = CPU
+TARGETS = (AUTO, CPU, TILED, GROUPED, PER_EXPERT)
+DEFAULT_TARGET = AUTO
+RT_INFO = "moe_fusion"  # the lowered model's rt_info: moe_fusion/lowering/{target,forms,reason,cpu}
 _I64_MAX = np.iinfo(np.int64).max
 _OPSET4 = NodeFactory("opset4")
 
@@ -55,40 +65,84 @@ class LowerError(ValueError):
     """A FusedExperts that cannot be lowered to the requested target."""
 
 
+@dataclass(frozen=True)
+class CpuFacts:
+    """What the `auto` target asks of the CPU the model will run on (detected, or given to pin a choice)."""
+
+    amx: bool  # AMX tiles with bf16 (amx_bf16): GatherMatmul can run each expert's rows as one AMX GEMM
+    precision: str  # the CPU plugin's default INFERENCE_PRECISION_HINT (bf16 on AMX CPUs, f32 on most others)
+    name: str = ""
+    # What one expert GEMM node of the per-expert form costs per decode step (dynamic-shape bookkeeping of
+    # every expert's FullyConnected, executor lookup for the routed ones), as bytes of weights the memory bus
+    # could stream meanwhile: ~30-80 us at 12-24 GB/s on the 2-core Ice Lake the defaults were measured on.
+    node_bytes: int = 1 << 20
+
+    @classmethod
+    def detect(cls) -> CpuFacts:
+        """This machine's CPU: AMX from the kernel's CPU flags (none readable: assumed absent, the choice
+        that is right on most CPUs), precision and name from OpenVINO's CPU plugin."""
+        try:
+            flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                         if line.startswith("flags")).split()
+        except (OSError, StopIteration):
+            flags = []
+        device = core()
+        return cls(amx="amx_bf16" in flags and "amx_tile" in flags,
+                   precision=device.get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name(),
+                   name=str(device.get_property("CPU", "FULL_DEVICE_NAME")))
+
+    def describe(self) -> str:
+        return f"{self.name or 'CPU'}: {'AMX' if self.amx else 'no AMX'}, {self.precision} inference"
+
+
+# per-expert is chosen (without AMX) when its E expert GEMM nodes cost at most this share of the bytes a
+# decoded token reads; beyond it GatherMatmul's decode wins by more than per-expert's prefill gain is worth
+# to generation (measured on the loaded test machine: Qwen3-30B-A3B's 384 nodes vs 75 MB -> per-expert
+# decoded 1.3-5x slower than GatherMatmul, 0.75x in one quieter run; Mixtral-8x7B's 24 nodes vs 705 MB -> on par)
+PER_EXPERT_MAX_NODE_SHARE = 0.25
+
+
 @dataclass
 class LowerReport:
     target: str
     lowered: dict[str, str] = field(default_factory=dict)  # FusedExperts name -> form (tiled/grouped/per-expert)
     seconds: float = 0.0
+    reasons: dict[str, str] = field(default_factory=dict)  # form -> why `auto` chose it
+    cpu: CpuFacts | None = None  # what `auto` decided for
 
     def summary(self) -> str:
         forms = ", ".join(f"{n} {f}" for f, n in sorted(Counter(self.lowered.values()).items()))
-        return f"{len(self.lowered)} FusedExperts lowered for {self.target} ({forms or 'none'}) in {self.seconds:.2f} s"
+        chosen = f"; {self.cpu.describe()}" if self.cpu else ""
+        return (f"{len(self.lowered)} FusedExperts lowered for {self.target} ({forms or 'none'}{chosen}) "
+                f"in {self.seconds:.2f} s")
 
 
 def fused_experts_nodes(model: ov.Model) -> list[ov.Node]:
     return [n for n in model.get_ordered_ops() if n.get_type_name() == FUSED_EXPERTS]
 
 
-def lower(model: ov.Model, target: str = DEFAULT_TARGET, *, copy_weights: bool = True) -> LowerReport:
+def lower(model: ov.Model, target: str = DEFAULT_TARGET, *, copy_weights: bool = True,
+          cpu: CpuFacts | None = None) -> LowerReport:
     """Replace every FusedExperts of `model` in place by native ops of `target` (see TARGETS).
 
-    `copy_weights`: store plain (or Convert-ed) constant weights out-major, transposed once here in numpy;
-    False inserts a Transpose instead, which the plugin folds at every compile (benchmarks/lowering.py
-    measures both)."""
+    `cpu`: the CPU `auto` decides for (default: this machine's, `CpuFacts.detect()`); ignored by the other
+    targets. `copy_weights`: store plain (or Convert-ed) constant weights out-major, transposed once here in
+    numpy; False inserts a Transpose instead, which the plugin folds at every compile (benchmarks/lowering.py
+    measures both). The model's rt_info records the target, the forms and, for `auto`, why and for which CPU."""
     if target not in TARGETS:
         raise LowerError(f"lowering target {target!r} is unknown; expected one of {', '.join(TARGETS)}")
     start = time.perf_counter()
-    report = LowerReport(target)
-    for node in fused_experts_nodes(model):
+    nodes = fused_experts_nodes(model)
+    report = LowerReport(target, cpu=(cpu or CpuFacts.detect()) if target == AUTO and nodes else None)
+    for node in nodes:
+        form = target
+        if target == AUTO:
+            form, report.reasons[form] = choose_form(node, report.cpu)
+        if form == CPU:
+            form = TILED if tiled_reason(_Experts(node, False)) == "" else GROUPED
         # per-expert slices the weights itself (one copy per expert): no stacked out-major copy first
-        experts = _Experts(node, copy_weights and target != PER_EXPERT)
-        if target == PER_EXPERT:
-            form, replacement = PER_EXPERT, _per_expert(experts)
-        elif target == TILED or (target == CPU and tiled_reason(experts) == ""):
-            form, replacement = TILED, _tiled(experts)
-        else:
-            form, replacement = GROUPED, _grouped(experts)
+        experts = _Experts(node, copy_weights and form != PER_EXPERT)
+        replacement = {PER_EXPERT: _per_expert, TILED: _tiled, GROUPED: _grouped}[form](experts)
         output = node.output(0)
         names = output.get_names()
         output.replace(replacement)
@@ -97,8 +151,59 @@ def lower(model: ov.Model, target: str = DEFAULT_TARGET, *, copy_weights: bool =
         report.lowered[node.get_friendly_name()] = form
     if report.lowered:
         model.validate_nodes_and_infer_types()
+        _record(model, report)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def choose_form(node: ov.Node, cpu: CpuFacts) -> tuple[str, str]:
+    """The form `auto` lowers a FusedExperts to on `cpu`, and why (docs/lowering.md has the measurements).
+
+    With AMX and bf16 inference GatherMatmul (`cpu`) is right in both phases. Without, GatherMatmul runs one
+    GEMV per routed row (prefill 2-13x slower than one GEMM per expert), while the per-expert form pays per
+    expert GEMM node at every decode step: per-expert when those nodes are cheap next to the weights a token
+    reads (few large experts, e.g. Mixtral), `cpu` when they are not (many small experts, e.g. Qwen3-MoE)."""
+    if cpu.amx and cpu.precision == "bf16":
+        return CPU, ("AMX with bf16 inference: GatherMatmul runs each expert's routed rows as one AMX GEMM "
+                     "(prefill) and reads only the top-k experts (decode)")
+    experts = node.get_input_partial_shape(3)[0].get_length()
+    top_k = node.get_input_partial_shape(2)[-1].get_length()
+    gemms = 3 if str(node.get_attributes()["expert_type"]) == GEMM3_SWIGLU else 2
+    per_token = top_k * weight_bytes(node) / experts
+    share = gemms * experts * cpu.node_bytes / max(per_token, 1)
+    cpu_kind = "AMX without bf16 inference" if cpu.amx else "no AMX"
+    facts = (f"{gemms * experts} expert GEMM nodes ~ {share:.2f}x the {per_token / 1e6:.1f} MB of weights a "
+             f"token reads")
+    if share <= PER_EXPERT_MAX_NODE_SHARE:
+        return PER_EXPERT, (f"{cpu_kind}: GatherMatmul would run one GEMV per routed row (prefill several times "
+                            f"slower than one GEMM per expert); {facts}, so per-expert decodes on par")
+    return CPU, (f"{cpu_kind}, but {facts}: per-expert's decode would pay that on every token, more than its "
+                 "prefill gain is worth; GatherMatmul reads only the top-k experts")
+
+
+def weight_bytes(node: ov.Node) -> int:
+    """Bytes of a FusedExperts' expert weights as stored: every Constant feeding its weight inputs (compressed
+    data, scales and zero points; f16 storage behind its Convert)."""
+    seen, stack, total = set(), [node.input_value(i).get_node() for i in range(3, node.get_input_size())], 0
+    while stack:
+        current = stack.pop()
+        if current.get_instance_id() in seen:
+            continue
+        seen.add(current.get_instance_id())
+        if current.get_type_name() == "Constant":
+            total += current.get_byte_size()
+        else:
+            stack += [value.get_node() for value in current.input_values()]
+    return total
+
+
+def _record(model: ov.Model, report: LowerReport) -> None:
+    info = {"target": report.target, "forms": ",".join(sorted(set(report.lowered.values())))}
+    if report.cpu is not None:
+        info["cpu"] = report.cpu.describe()
+        info["reason"] = "; ".join(f"{form}: {why}" for form, why in sorted(report.reasons.items()))
+    for key, value in info.items():
+        model.set_rt_info(value, [RT_INFO, "lowering", key])
 
 
 # ---- reading a FusedExperts -----------------------------------------------------------------------------
@@ -331,7 +436,11 @@ def _per_expert(experts: _Experts) -> ov.Output:
     sorted_expert, order, rows, top_k = _sorted_slots(experts)
     ends = ops.convert(ops15.search_sorted(sorted_expert, ops.constant(np.arange(e, dtype=np.int32)),
                                            right_mode=True), ov.Type.i64)
-    starts = ops.concat([_i64([0]), ops.slice(ends, _i64([0]), _i64([e - 1]), _i64([1]))], 0)
+    counts = ops.subtract(ends, ops.concat([_i64([0]),
+                                            ops.slice(ends, _i64([0]), _i64([e - 1]), _i64([1]))], 0))
+    # One VariadicSplit hands every expert its run of rows ([0, H] when it has none): the plugin skips the
+    # nodes of an expert whose input is empty, and one node instead of 3E Gathers/Slices keeps decode cheap.
+    mine_all = ops.variadic_split(rows, _i64(0), counts).outputs()
     matrices = [_expert_values(m, e) for m in experts.matrices]
     biases = [_expert_values(_bias(experts, b, [e, -1]), e) for b in experts.biases if b is not None]
 
@@ -343,8 +452,7 @@ def _per_expert(experts: _Experts) -> ov.Output:
             matmul.set_friendly_name(f"{experts.name}/expert{i}/{what}")
             return matmul
 
-        begin, end = ops.gather(starts, _i64([i]), _i64(0)), ops.gather(ends, _i64([i]), _i64(0))
-        mine = ops.slice(rows, begin, end, _i64([1]), _i64([0]))  # this expert's rows; [0, H] if none
+        mine = mine_all[i]  # this expert's rows; [0, H] if none
         if experts.expert_type == GEMM3_SWIGLU:
             w_gate, w_up, w_down = (m[i] for m in matrices)
             act = ops.multiply(_swish(experts, gemm(mine, w_gate, "gate").output(0)), gemm(mine, w_up, "up"))

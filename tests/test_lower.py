@@ -30,7 +30,21 @@ from moe_fusion.check import check
 from moe_fusion.cli import main
 from moe_fusion.fuse import fuse
 from moe_fusion.io import load, save
-from moe_fusion.lower import CPU, GROUPED, PER_EXPERT, TARGETS, TILED, fused_experts_nodes, lower
+from moe_fusion.lower import (
+    AUTO,
+    CPU,
+    DEFAULT_TARGET,
+    GROUPED,
+    PER_EXPERT,
+    RT_INFO,
+    TARGETS,
+    TILED,
+    CpuFacts,
+    choose_form,
+    fused_experts_nodes,
+    lower,
+    weight_bytes,
+)
 
 FIXTURES = Path(__file__).resolve().parent.parent / "models" / "fixtures"
 DIRECT_LOWERED = ("direct-deepseekv3", "direct-gptoss")
@@ -59,7 +73,7 @@ def _fused_fixture(name: str) -> tuple[ov.Model, ov.Model]:
     return original, fused
 
 
-def lowered(name: str, target: str = CPU) -> ov.Model:
+def lowered(name: str, target: str = CPU) -> ov.Model:  # cpu: the stacked forms the tests below inspect
     model = fused_fixture(name)[1].clone()
     lower(model, target)
     return model
@@ -95,10 +109,10 @@ GATHER_MATMUL = {
 
 
 @pytest.mark.parametrize("fixture", sorted(GATHER_MATMUL))
-def test_default_cpu_target_runs_as_gather_matmul(fixture):
+def test_cpu_target_runs_as_gather_matmul(fixture):
     per_layer, form = GATHER_MATMUL[fixture]
     model = fused_fixture(fixture)[1].clone()
-    report = lower(model)
+    report = lower(model, CPU)
     assert set(report.lowered.values()) == {form}
     layers = len(report.lowered)
     found = gather_matmuls(model)
@@ -147,7 +161,7 @@ def test_synthetic_int4_block_runs_as_gather_matmul_compressed():
     weights = layer_weights(SHAPES["small"], "int4")
     fused = fused_layer(weights)
     model = fused.clone()
-    lower(model)
+    lower(model, CPU)
     found = gather_matmuls(model)
     assert len(found) == 3 and all(n.input_value(1).get_element_type() == ov.Type.u4 for n in found)
     x = np.random.default_rng(0).standard_normal((1, 9, SHAPES["small"].hidden)).astype(np.float32)
@@ -250,7 +264,7 @@ def test_per_expert_weights_stay_compressed_in_the_runtime_graph(fixture):
 def test_cpu_target_falls_back_to_grouped_where_gather_matmul_would_not_form(rng):
     experts = random_experts(6, 16, 12, GEMM3_SWIGLU, expert_beta=1.3)
     model = fused_model(experts, Router(rng.standard_normal((16, 6)).astype(np.float32), 2))
-    report = lower(model)
+    report = lower(model, CPU)
     assert list(report.lowered.values()) == [GROUPED]
     assert len(gather_matmuls(model)) == 3
 
@@ -346,7 +360,114 @@ def test_cli_lower_and_fuse_lower(tmp_path):
     assert result.exit_code == 0, result.output
     plain = ov.Core().read_model(tmp_path / "both" / "openvino_model.xml")  # no extension needed
     assert "FusedExperts" not in Counter(n.get_type_name() for n in plain.get_ordered_ops())
+    default = ["fuse", str(FIXTURES / "gen1-mixtral"), "-o", str(tmp_path / "auto"), "--lower", "--no-verify"]
+    result = runner.invoke(main, default)  # --lower alone: the default target, chosen for this CPU
+    assert result.exit_code == 0, result.output
+    assert "2 FusedExperts lowered for auto (2 " in result.output and CpuFacts.detect().describe() in result.output
     again = runner.invoke(main, ["lower", str(fused), "-o", str(tmp_path / "low")])
     assert again.exit_code == 2 and "--force" in again.output
     bad = runner.invoke(main, ["lower", str(fused), "-o", str(tmp_path / "x"), "--target", "gpu"])
     assert bad.exit_code == 2
+
+
+# ---- the default target: `auto` chooses per CPU (facts injected so both choices are pinned on any machine) ----
+
+NO_AMX = CpuFacts(amx=False, precision="f32", name="CPU without AMX")
+AMX = CpuFacts(amx=True, precision="bf16", name="CPU with AMX")
+AMX_F32 = CpuFacts(amx=True, precision="f32", name="CPU with AMX, f32 inference asked")  # no AMX GEMM path
+# the fixtures' experts are tiny (64 x 40): per-node cost dominates, so without AMX auto takes cpu; a CPU whose
+# per-node cost is nil makes it take per-expert there, so both choices run on every expert type
+FREE_NODES = CpuFacts(amx=False, precision="f32", name="CPU without AMX, free nodes", node_bytes=0)
+
+# (cpu, fixture) -> the forms auto must pick
+POLICY = {
+    ("no-amx", "gen1-qwen3moe"): (NO_AMX, {TILED}),
+    ("no-amx", "gen2-gptoss-zerobias"): (NO_AMX, {GROUPED}),  # the tiled pattern cannot form: grouped
+    ("amx-f32", "gen1-mixtral-int4-g16-sym"): (AMX_F32, {TILED}),
+    ("free-nodes", "gen1-qwen3moe"): (FREE_NODES, {PER_EXPERT}),
+    ("free-nodes", "gen1-gptoss"): (FREE_NODES, {PER_EXPERT}),
+    ("free-nodes", "gen1-mixtral-int4-g16-sym"): (FREE_NODES, {PER_EXPERT}),
+    ("amx", "gen1-qwen3moe"): (AMX, {TILED}),
+    ("amx", "gen1-gptoss"): (AMX, {TILED}),
+    ("amx", "gen2-gptoss-zerobias"): (AMX, {GROUPED}),
+    ("amx", "gen1-mixtral-int4-g16-sym"): (AMX, {TILED}),
+}
+
+
+def real_shape_block(name: str) -> ov.Node:
+    """A FusedExperts at a real layer's shape on f16 zeros (never touched, so never allocated): the policy
+    reads only shapes and byte sizes."""
+    shape = SHAPES[name]
+    e, h, i = shape.experts, shape.hidden, shape.intermediate
+    x = ops.parameter([-1, h], np.float32)
+    routing, indices = ops.parameter([-1, shape.top_k], np.float32), ops.parameter([-1, shape.top_k], np.int64)
+    weights = [ops.convert(ops.constant(np.zeros(dims, np.float16), shared_memory=True), ov.Type.f32)
+               for dims in ((e, h, i), (e, h, i), (e, i, h))]
+    return moe_fusion.FusedExperts(x, routing, indices, *weights)
+
+
+# layer -> form auto picks without AMX at the real shape, and why (docs/lowering.md's measurements)
+REAL_SHAPES = {
+    "qwen3": CPU,  # 384 expert GEMM nodes vs 75 MB read per token: per-expert decodes 2.6-5x slower
+    "mixtral": PER_EXPERT,  # 24 nodes vs 705 MB: per-expert decodes on par and prefills 10x faster
+}
+
+
+@pytest.mark.parametrize("layer", sorted(REAL_SHAPES))
+def test_auto_without_amx_decides_by_shape(layer):
+    node = real_shape_block(layer)
+    form, reason = choose_form(node, NO_AMX)
+    assert form == REAL_SHAPES[layer], reason
+    assert choose_form(node, AMX)[0] == CPU
+    assert choose_form(node, AMX_F32)[0] == REAL_SHAPES[layer]
+    assert weight_bytes(node) == 3 * 2 * SHAPES[layer].experts * SHAPES[layer].hidden * SHAPES[layer].intermediate
+
+
+@pytest.mark.parametrize(("cpu", "fixture"), sorted(POLICY))
+def test_auto_picks_the_form_for_the_cpu_records_it_and_stays_equivalent(cpu, fixture, tmp_path):
+    facts, forms = POLICY[cpu, fixture]
+    original, fused = fused_fixture(fixture)
+    model = fused.clone()
+    report = lower(model, AUTO, cpu=facts)
+    assert set(report.lowered.values()) == forms
+    assert report.cpu == facts and facts.describe() in report.summary()
+    result = check(original, model, tokens=(1, 16), steps=2)
+    assert result.equivalent, result.reason
+    # the choice travels with the saved model
+    saved = ov.Core().read_model(save(model, FIXTURES / fixture, tmp_path / "low") / "openvino_model.xml")
+    info = {key: saved.get_rt_info([RT_INFO, "lowering", key]).astype(str)
+            for key in ("target", "forms", "cpu", "reason")}
+    assert info["target"] == AUTO and info["forms"] == ",".join(sorted(forms))
+    assert info["cpu"] == facts.describe()
+    assert ("AMX with bf16" in info["reason"]) == (facts is AMX)
+    assert all(name.split("/")[0] in info["reason"] for name in ({"tiled": "cpu", "grouped": "cpu"}.get(f, f)
+                                                                   for f in forms))
+
+
+def test_auto_is_the_default_and_decides_for_this_cpu():
+    assert DEFAULT_TARGET == AUTO
+    flags = next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")).split()
+    here = CpuFacts.detect()
+    assert here.amx == ("amx_bf16" in flags and "amx_tile" in flags)
+    assert here.precision == ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name()
+    model = fused_fixture("gen1-mixtral")[1].clone()
+    report = lower(model)
+    assert report.target == AUTO and report.cpu == here
+    assert set(report.lowered.values()) == {TILED}  # tiny experts: cpu with or without AMX
+
+
+def test_per_expert_hands_rows_out_with_one_split_and_runs_only_routed_experts():
+    """Decode at many experts: the experts' rows come from one VariadicSplit (not a Slice and two Gathers
+    per expert), and the plugin runs no GEMM of an expert that got no rows."""
+    weights = layer_weights(SHAPES["small"], "f16")  # 16 experts, top-4
+    model = fused_layer(weights)
+    lower(model, PER_EXPERT)
+    kinds = Counter(n.get_type_name() for n in model.get_ordered_ops())
+    assert kinds["VariadicSplit"] == 1 and kinds["Slice"] <= 1 and kinds["Gather"] <= 2  # none per expert
+    compiled = ov.Core().compile_model(model, "CPU", {**F32, "PERF_COUNT": True})
+    request = compiled.create_infer_request()
+    request.infer({0: np.random.default_rng(0).standard_normal((1, 1, SHAPES["small"].hidden), np.float32)})
+    # the first inference after compiling: only GEMMs that got rows have a kernel (exec type), the rest "undef"
+    ran = [p for p in request.get_profiling_info()
+           if p.node_type == "FullyConnected" and "/expert" in p.node_name and not p.exec_type.startswith("undef")]
+    assert len(ran) == 3 * SHAPES["small"].top_k  # gate, up, down of the 4 routed experts; 12 experts idle
