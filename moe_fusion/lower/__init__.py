@@ -1,0 +1,127 @@
+"""FusedExperts -> native OpenVINO ops, so a fused model runs with plain OpenVINO (no Python op).
+
+Targets (docs/lowering.md has the measurements behind the default):
+
+- `auto` (default): chosen per block at lowering time for the CPU lowering runs on (`CpuFacts`, injectable;
+  `choose_form`): with AMX and bf16 inference what `cpu` does. Otherwise GatherMatmul runs one GEMV per
+  routed row (prefill 2-13x slower than per-expert GEMMs), while per-expert pays for each of its expert GEMM
+  nodes at every decode step: `per-expert` when the experts are few and large (Mixtral), `cpu` when they are
+  many and small (Qwen3-MoE). The choice, its reason and the CPU facts are recorded in the model's rt_info
+  (`moe_fusion/lowering/...`).
+- `cpu`: `tiled` where the plugin turns it into GatherMatmul, `grouped` where it would not
+  (`tiled_reason`: GEMM2 with all-zero biases, a swish beta other than 1 in GEMM3).
+- `tiled`: the tiled MoE block the CPU plugin's `ConvertTiledMoeBlockToGatherMatmuls` matches (x86-64) and
+  turns into `GatherMatmul` (`GatherMatmulCompressed` for int8/int4 weights), which computes only the top-k
+  experts of each token. Elsewhere (other devices, a pattern that stops matching) the same graph still runs
+  correctly, densely: every expert on every token.
+- `grouped`: tokens sorted by expert, then opset17 `GroupedMatMul` with cumulative end offsets per expert.
+- `per-expert`: tokens sorted by expert, a Slice of rows per expert and that expert's own `[out, in]`
+  weights (plain MatMuls -> the CPU plugin's FullyConnected, compressed ones for int8/int4): one GEMM per
+  expert over its rows. Choose it for prefill-heavy use on CPUs without AMX, where GatherMatmul runs one GEMV
+  per routed row, and for few large experts (Mixtral); its decode is slower with many small experts (E
+  MatMul nodes per GEMM, most on zero rows).
+
+The package: `policy` (target names, `CpuFacts`, the `auto` rule), `experts` (reading a FusedExperts, shared
+pieces), one module per form (`tiled`, `grouped`, `per_expert` with `slicing`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import openvino as ov
+
+from moe_fusion.lower.experts import Experts
+from moe_fusion.lower.grouped import grouped
+from moe_fusion.lower.per_expert import per_expert
+from moe_fusion.lower.policy import (
+    AUTO,
+    CPU,
+    DEFAULT_TARGET,
+    FUSED_EXPERTS,
+    GROUPED,
+    PER_EXPERT,
+    PER_EXPERT_MAX_NODE_SHARE,
+    TARGETS,
+    TILED,
+    Block,
+    CpuFacts,
+    LowerError,
+    choose_form,
+    decide,
+    weight_bytes,
+)
+from moe_fusion.lower.tiled import tiled, tiled_reason
+
+__all__ = [
+    "AUTO", "CPU", "DEFAULT_TARGET", "FUSED_EXPERTS", "GROUPED", "PER_EXPERT", "PER_EXPERT_MAX_NODE_SHARE",
+    "RT_INFO", "TARGETS", "TILED", "Block", "CpuFacts", "LowerError", "LowerReport", "choose_form", "decide",
+    "fused_experts_nodes", "lower", "tiled_reason", "weight_bytes",
+]
+
+RT_INFO = "moe_fusion"  # the lowered model's rt_info: moe_fusion/lowering/{target,forms,reason,cpu}
+_FORMS = {PER_EXPERT: per_expert, TILED: tiled, GROUPED: grouped}
+
+
+@dataclass
+class LowerReport:
+    target: str
+    lowered: dict[str, str] = field(default_factory=dict)  # FusedExperts name -> form (tiled/grouped/per-expert)
+    seconds: float = 0.0
+    reasons: dict[str, str] = field(default_factory=dict)  # form -> why `auto` chose it
+    cpu: CpuFacts | None = None  # what `auto` decided for
+
+    def summary(self) -> str:
+        forms = ", ".join(f"{n} {f}" for f, n in sorted(Counter(self.lowered.values()).items()))
+        chosen = f"; {self.cpu.describe()}" if self.cpu else ""
+        return (f"{len(self.lowered)} FusedExperts lowered for {self.target} ({forms or 'none'}{chosen}) "
+                f"in {self.seconds:.2f} s")
+
+
+def fused_experts_nodes(model: ov.Model) -> list[ov.Node]:
+    return [n for n in model.get_ordered_ops() if n.get_type_name() == FUSED_EXPERTS]
+
+
+def lower(model: ov.Model, target: str = DEFAULT_TARGET, *, copy_weights: bool = True,
+          cpu: CpuFacts | None = None) -> LowerReport:
+    """Replace every FusedExperts of `model` in place by native ops of `target` (see TARGETS).
+
+    `cpu`: the CPU `auto` decides for (default: this machine's, `CpuFacts.detect()`); ignored by the other
+    targets. `copy_weights`: store plain (or Convert-ed) constant weights out-major, transposed once here in
+    numpy; False inserts a Transpose instead, which the plugin folds at every compile (benchmarks/lowering.py
+    measures both). The model's rt_info records the target, the forms and, for `auto`, why and for which CPU."""
+    if target not in TARGETS:
+        raise LowerError(f"lowering target {target!r} is unknown; expected one of {', '.join(TARGETS)}")
+    start = time.perf_counter()
+    nodes = fused_experts_nodes(model)
+    report = LowerReport(target, cpu=(cpu or CpuFacts.detect()) if target == AUTO and nodes else None)
+    for node in nodes:
+        form = target
+        if target == AUTO:
+            form, report.reasons[form] = choose_form(node, report.cpu)
+        if form == CPU:
+            form = TILED if tiled_reason(Experts(node, False)) == "" else GROUPED
+        # per-expert slices the weights itself (one copy per expert): no stacked out-major copy first
+        replacement = _FORMS[form](Experts(node, copy_weights and form != PER_EXPERT))
+        output = node.output(0)
+        names = output.get_names()
+        output.replace(replacement)
+        if names:
+            replacement.get_tensor().set_names(names)
+        report.lowered[node.get_friendly_name()] = form
+    if report.lowered:
+        model.validate_nodes_and_infer_types()
+        _record(model, report)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _record(model: ov.Model, report: LowerReport) -> None:
+    info = {"target": report.target, "forms": ",".join(sorted(set(report.lowered.values())))}
+    if report.cpu is not None:
+        info["cpu"] = report.cpu.describe()
+        info["reason"] = "; ".join(f"{form}: {why}" for form, why in sorted(report.reasons.items()))
+    for key, value in info.items():
+        model.set_rt_info(value, [RT_INFO, "lowering", key])
