@@ -58,14 +58,17 @@ def child(path: str, precision: str, hidden: int) -> None:
     del model
     request = compiled.create_infer_request()
     rng = np.random.default_rng(0)
+    start = time.perf_counter()
     request.infer({0: rng.standard_normal((1, 128, hidden), dtype=np.float32)})
+    prefill_s = time.perf_counter() - start
     for _ in range(8):
         request.infer({0: rng.standard_normal((1, 1, hidden), dtype=np.float32)})
     after = _status()
     done.set()
     watcher.join()
     print(json.dumps({"compile_s": compile_s, "peak_anon": max(peak["anon"], after["RssAnon"]),
-                      "hwm": after["VmHWM"], "anon_end": after["RssAnon"], "file_end": after["RssFile"]}))
+                      "hwm": after["VmHWM"], "anon_end": after["RssAnon"], "file_end": after["RssFile"],
+                      "first_prefill_s": prefill_s}))
 
 
 def save_forms(layer: str, weights_type: str, forms: list[str], out: Path) -> tuple[dict[str, Path], int, int]:
@@ -73,10 +76,10 @@ def save_forms(layer: str, weights_type: str, forms: list[str], out: Path) -> tu
 
     from benchmarks.lowering import _fuse_in_place, as_exported
     from models.bench_models import SHAPES, layer_weights, loop_layer, tiled_layer
-    from moe_fusion.lower import lower
+    from moe_fusion.lower import HYBRID, CpuFacts, lower
 
     shape = SHAPES[layer]
-    weights = layer_weights(shape, weights_type)
+    weights = layer_weights(shape, weights_type, distinct=True)  # save_model stores equal constants once
     stored = shape.experts * weights.expert_bytes()
     paths = {}
     loop = as_exported(loop_layer, weights)
@@ -92,7 +95,10 @@ def save_forms(layer: str, weights_type: str, forms: list[str], out: Path) -> tu
         if form in ("loop", "native"):
             continue
         model = fused.clone()
-        lower(model, form)
+        if form.startswith(HYBRID + "-"):  # hybrid lowered for a CPU of that inference precision
+            lower(model, HYBRID, cpu=CpuFacts(amx=False, precision=form.split("-")[1]))
+        else:
+            lower(model, form)
         paths[form] = out / f"{form}.xml"
         ov.save_model(model, paths[form], compress_to_fp16=False)
         del model
@@ -103,8 +109,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layer", default="qwen3")
     parser.add_argument("--weights", default="f16")
-    parser.add_argument("--forms", default="loop,native,cpu,per-expert")
+    parser.add_argument("--forms", default="native,loop,cpu,per-expert,hybrid-bf16,hybrid-f32",
+                        help="loop, native, any lowering target; hybrid-bf16/hybrid-f32: hybrid lowered for a "
+                             "CPU of that inference precision")
     parser.add_argument("--precision", default="bf16,f32")
+    parser.add_argument("--keep", help="save the IRs in this directory (kept) instead of a temporary one")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -112,7 +121,9 @@ def main() -> None:
         return
     forms = args.forms.split(",")
     with tempfile.TemporaryDirectory(prefix="moe-deployed-") as tmp:
-        paths, stored, hidden = save_forms(args.layer, args.weights, forms, Path(tmp))
+        out = Path(args.keep or tmp)
+        out.mkdir(parents=True, exist_ok=True)
+        paths, stored, hidden = save_forms(args.layer, args.weights, forms, out)
         print(f"{args.layer} {args.weights}: stored expert weights {stored / 1e9:.2f} GB; load "
               f"{os.getloadavg()[0]:.1f}", flush=True)
         print(f"{'form':<14} {'precision':<9} {'compile s':>9} {'peak RssAnon GB':>15} {'x stored':>8} "

@@ -35,6 +35,7 @@ import openvino as ov
 
 from moe_fusion.lower.experts import Experts
 from moe_fusion.lower.grouped import grouped
+from moe_fusion.lower.hybrid import hybrid
 from moe_fusion.lower.per_expert import per_expert
 from moe_fusion.lower.policy import (
     AUTO,
@@ -42,6 +43,7 @@ from moe_fusion.lower.policy import (
     DEFAULT_TARGET,
     FUSED_EXPERTS,
     GROUPED,
+    HYBRID,
     PER_EXPERT,
     PER_EXPERT_MAX_NODE_SHARE,
     TARGETS,
@@ -56,7 +58,7 @@ from moe_fusion.lower.policy import (
 from moe_fusion.lower.tiled import tiled, tiled_reason
 
 __all__ = [
-    "AUTO", "CPU", "DEFAULT_TARGET", "FUSED_EXPERTS", "GROUPED", "PER_EXPERT", "PER_EXPERT_MAX_NODE_SHARE",
+    "AUTO", "CPU", "DEFAULT_TARGET", "FUSED_EXPERTS", "GROUPED", "HYBRID", "PER_EXPERT", "PER_EXPERT_MAX_NODE_SHARE",
     "RT_INFO", "TARGETS", "TILED", "Block", "CpuFacts", "LowerError", "LowerReport", "choose_form", "decide",
     "fused_experts_nodes", "lower", "tiled_reason", "weight_bytes",
 ]
@@ -96,15 +98,20 @@ def lower(model: ov.Model, target: str = DEFAULT_TARGET, *, copy_weights: bool =
         raise LowerError(f"lowering target {target!r} is unknown; expected one of {', '.join(TARGETS)}")
     start = time.perf_counter()
     nodes = fused_experts_nodes(model)
-    report = LowerReport(target, cpu=(cpu or CpuFacts.detect()) if target == AUTO and nodes else None)
+    decides = target in (AUTO, HYBRID) and nodes  # hybrid stores its decode weights in the CPU's precision
+    report = LowerReport(target, cpu=(cpu or CpuFacts.detect()) if decides else None)
     for node in nodes:
         form = target
         if target == AUTO:
             form, report.reasons[form] = choose_form(node, report.cpu)
-        if form == CPU:
-            form = TILED if tiled_reason(Experts(node, False)) == "" else GROUPED
-        # per-expert slices the weights itself (one copy per expert): no stacked out-major copy first
-        replacement = _FORMS[form](Experts(node, copy_weights and form != PER_EXPERT))
+        gather_form = TILED if tiled_reason(Experts(node, False)) == "" else GROUPED  # what `cpu` means here
+        if form == HYBRID:
+            replacement = hybrid(node, per_expert, _FORMS[gather_form], copy_weights, report.cpu.store_type())
+            form = f"{HYBRID}({PER_EXPERT}/{gather_form})"
+        else:
+            form = gather_form if form == CPU else form
+            # per-expert slices the weights itself (one copy per expert): no stacked out-major copy first
+            replacement = _FORMS[form](Experts(node, copy_weights and form != PER_EXPERT))
         output = node.output(0)
         names = output.get_names()
         output.replace(replacement)

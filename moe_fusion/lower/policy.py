@@ -20,7 +20,8 @@ CPU = "cpu"
 TILED = "tiled"
 GROUPED = "grouped"
 PER_EXPERT = "per-expert"
-TARGETS = (AUTO, CPU, TILED, GROUPED, PER_EXPERT)
+HYBRID = "hybrid"  # If(tokens > 1): per-expert for prefill, cpu (GatherMatmul) for decode
+TARGETS = (AUTO, CPU, TILED, GROUPED, PER_EXPERT, HYBRID)
 DEFAULT_TARGET = AUTO
 
 
@@ -53,6 +54,10 @@ class CpuFacts:
         return cls(amx="amx_bf16" in flags and "amx_tile" in flags,
                    precision=device.get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name(),
                    name=str(device.get_property("CPU", "FULL_DEVICE_NAME")))
+
+    def store_type(self) -> ov.Type | None:
+        """The type GatherMatmul computes in here (bf16 or f32), in which lowering may store its weights."""
+        return {"bf16": ov.Type.bf16, "f32": ov.Type.f32}.get(self.precision)
 
     def describe(self) -> str:
         return f"{self.name or 'CPU'}: {'AMX' if self.amx else 'no AMX'}, {self.precision} inference"
