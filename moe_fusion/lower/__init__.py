@@ -2,12 +2,12 @@
 
 Targets (docs/lowering.md has the measurements behind the default):
 
-- `auto` (default): chosen per block at lowering time for the CPU lowering runs on (`CpuFacts`, injectable;
-  `choose_form`): with AMX and bf16 inference what `cpu` does. Otherwise GatherMatmul runs one GEMV per
-  routed row (prefill 2-13x slower than per-expert GEMMs), while per-expert pays for each of its expert GEMM
-  nodes at every decode step: `per-expert` when the experts are few and large (Mixtral), `cpu` when they are
-  many and small (Qwen3-MoE). The choice, its reason and the CPU facts are recorded in the model's rt_info
-  (`moe_fusion/lowering/...`).
+- `auto` (default): chosen per block at lowering time for the CPU the model will run on (`CpuFacts`, detected
+  or given; `policy.decide`): with AMX and bf16 inference `cpu`; otherwise `hybrid`. The choice, its reason
+  and the CPU facts are recorded in the model's rt_info (`moe_fusion/lowering/...`).
+- `hybrid`: `If(tokens > 1)`: the per-expert form for prompts, the `cpu` form for single tokens (decode),
+  its weights stored in the CPU's inference precision (bf16 or f32). Prefills like per-expert, decodes like
+  GatherMatmul; the IR file holds the layer twice, runtime memory about native GatherMatmul's.
 - `cpu`: `tiled` where the plugin turns it into GatherMatmul, `grouped` where it would not
   (`tiled_reason`: GEMM2 with all-zero biases, a swish beta other than 1 in GEMM3).
 - `tiled`: the tiled MoE block the CPU plugin's `ConvertTiledMoeBlockToGatherMatmuls` matches (x86-64) and
@@ -15,14 +15,14 @@ Targets (docs/lowering.md has the measurements behind the default):
   experts of each token. Elsewhere (other devices, a pattern that stops matching) the same graph still runs
   correctly, densely: every expert on every token.
 - `grouped`: tokens sorted by expert, then opset17 `GroupedMatMul` with cumulative end offsets per expert.
-- `per-expert`: tokens sorted by expert, a Slice of rows per expert and that expert's own `[out, in]`
-  weights (plain MatMuls -> the CPU plugin's FullyConnected, compressed ones for int8/int4): one GEMM per
-  expert over its rows. Choose it for prefill-heavy use on CPUs without AMX, where GatherMatmul runs one GEMV
-  per routed row, and for few large experts (Mixtral); its decode is slower with many small experts (E
-  MatMul nodes per GEMM, most on zero rows).
+- `per-expert`: tokens sorted by expert, one VariadicSplit of rows per expert and that expert's own
+  `[out, in]` weights (plain MatMuls -> the CPU plugin's FullyConnected, compressed ones for int8/int4): one
+  GEMM per expert over its rows. The least memory (one packed copy) and the fastest prefill without AMX;
+  its decode pays per expert GEMM node (E nodes per GEMM): choose it for prompt-only work (batch scoring)
+  or when memory decides.
 
 The package: `policy` (target names, `CpuFacts`, the `auto` rule), `experts` (reading a FusedExperts, shared
-pieces), one module per form (`tiled`, `grouped`, `per_expert` with `slicing`).
+pieces), one module per form (`tiled`, `grouped`, `per_expert` with `slicing`, `hybrid`).
 """
 
 from __future__ import annotations
@@ -45,7 +45,6 @@ from moe_fusion.lower.policy import (
     GROUPED,
     HYBRID,
     PER_EXPERT,
-    PER_EXPERT_MAX_NODE_SHARE,
     TARGETS,
     TILED,
     Block,
@@ -58,7 +57,7 @@ from moe_fusion.lower.policy import (
 from moe_fusion.lower.tiled import tiled, tiled_reason
 
 __all__ = [
-    "AUTO", "CPU", "DEFAULT_TARGET", "FUSED_EXPERTS", "GROUPED", "HYBRID", "PER_EXPERT", "PER_EXPERT_MAX_NODE_SHARE",
+    "AUTO", "CPU", "DEFAULT_TARGET", "FUSED_EXPERTS", "GROUPED", "HYBRID", "PER_EXPERT",
     "RT_INFO", "TARGETS", "TILED", "Block", "CpuFacts", "LowerError", "LowerReport", "choose_form", "decide",
     "fused_experts_nodes", "lower", "tiled_reason", "weight_bytes",
 ]

@@ -38,7 +38,8 @@ class CpuFacts:
     name: str = ""
     # What one expert GEMM node of the per-expert form costs per decode step (dynamic-shape bookkeeping of
     # every expert's FullyConnected, executor lookup for the routed ones), as bytes of weights the memory bus
-    # could stream meanwhile: ~30-80 us at 12-24 GB/s on the 2-core machines the defaults were measured on.
+    # could stream meanwhile: ~30-80 us at 12-24 GB/s on the 2-core machines measured. `auto` no longer
+    # weighs it (hybrid decodes without those nodes); the reason it records states it.
     node_bytes: int = 1 << 20
 
     @classmethod
@@ -61,14 +62,6 @@ class CpuFacts:
 
     def describe(self) -> str:
         return f"{self.name or 'CPU'}: {'AMX' if self.amx else 'no AMX'}, {self.precision} inference"
-
-
-# per-expert is chosen (without AMX) when its E expert GEMM nodes cost at most this share of the bytes a
-# decoded token reads; beyond it GatherMatmul's decode wins by more than per-expert's prefill gain is worth
-# to the workload docs/lowering.md models (chat: ~10 generated tokens per 100 prompt tokens decode-bound).
-# Measured: Qwen3-30B-A3B's 384 nodes vs 75 MB (share 5.4) -> per-expert decodes 1.3-1.6x GatherMatmul's
-# time; Mixtral-8x7B's 24 nodes vs 705 MB (share 0.04) -> on par.
-PER_EXPERT_MAX_NODE_SHARE = 0.25
 
 
 @dataclass(frozen=True)
@@ -103,22 +96,21 @@ def choose_form(node: ov.Node, cpu: CpuFacts) -> tuple[str, str]:
 
 
 def decide(block: Block, cpu: CpuFacts) -> tuple[str, str]:
-    """With AMX and bf16 inference GatherMatmul (`cpu`) is right in both phases. Without, GatherMatmul runs one
-    GEMV per routed row (prefill 2-13x slower than one GEMM per expert), while the per-expert form pays per
-    expert GEMM node at every decode step: per-expert when those nodes are cheap next to the weights a token
-    reads (few large experts, e.g. Mixtral), `cpu` when they are not (many small experts, e.g. Qwen3-MoE)."""
+    """With AMX and bf16 inference GatherMatmul (`cpu`) is right in both phases: it runs each expert's routed
+    rows as one AMX GEMM. Without, GatherMatmul's multi-token path is one GEMV per routed row (prefill 2-15x
+    slower than one GEMM per expert), while the per-expert form pays for each of its expert GEMM nodes at
+    every decode step (1.2x native's decode time at 24 nodes, 1.5-2.6x at 384): no single graph wins both
+    phases, so `hybrid` takes per-expert for prompts and GatherMatmul for single tokens, in one If.
+    docs/lowering.md's workload model (chat, RAG, batch scoring) is why the decode phase decides the rest."""
     if cpu.amx and cpu.precision == "bf16":
         return CPU, ("AMX with bf16 inference: GatherMatmul runs each expert's routed rows as one AMX GEMM "
                      "(prefill) and reads only the top-k experts (decode)")
-    share = block.node_share(cpu)
     cpu_kind = "AMX without bf16 inference" if cpu.amx else "no AMX"
-    facts = (f"{block.gemms * block.experts} expert GEMM nodes ~ {share:.2f}x the "
-             f"{block.token_bytes / 1e6:.1f} MB of weights a token reads")
-    if share <= PER_EXPERT_MAX_NODE_SHARE:
-        return PER_EXPERT, (f"{cpu_kind}: GatherMatmul would run one GEMV per routed row (prefill several times "
-                            f"slower than one GEMM per expert); {facts}, so per-expert decodes on par")
-    return CPU, (f"{cpu_kind}, but {facts}: per-expert's decode would pay that on every token, more than its "
-                 "prefill gain is worth; GatherMatmul reads only the top-k experts")
+    return HYBRID, (f"{cpu_kind}: GatherMatmul runs one GEMV per routed row (prefill several times slower than "
+                    f"one GEMM per expert), per-expert pays for its {block.gemms * block.experts} GEMM nodes at "
+                    f"every decode step (~{block.node_share(cpu):.2f}x the {block.token_bytes / 1e6:.1f} MB a "
+                    "token reads): per-expert for prompts, GatherMatmul for single tokens; decode weights "
+                    f"stored {cpu.precision}")
 
 
 def weight_bytes(node: ov.Node) -> int:
