@@ -458,6 +458,25 @@ def _table(rows: list[Row], prefills: list[int], decode_floor: float, prefill_fl
           f"bound); prefill's all-experts stream is {prefill_floor:.1f} ms. max rel: prefill output vs the first "
           "row, at the run's precision. memory: weights held + peak RSS growth of compile and first inference. "
           "+1st s: compile and the first prefill (FullyConnected packs its weights at its first run).")
+    if native is not None:
+        _targets(rows, base, native, prefills)
+
+
+def _targets(rows: list[Row], loop: Row, native: Row, prefills: list[int]) -> None:
+    """Issue 19's targets per form: prefill >= 1.0x the faster of loop and native (each prefill length),
+    decode time <= 1.05x native's, memory <= 1.1x native's, compile <= native's; `ok` when all hold."""
+    heads = [f"prefill-{t} vs best" for t in prefills]
+    print(f"\n{'form':<40} " + " ".join(f"{h:>20}" for h in heads)
+          + f" {'decode time vs native':>21} {'memory vs native':>16} {'compile vs native':>17}  targets")
+    for r in rows:
+        best = [min(loop.prefill_ms[t], native.prefill_ms[t]) / r.prefill_ms[t] for t in prefills]
+        decode, memory = r.decode_ms / native.decode_ms, r.memory_gb / native.memory_gb
+        compile_ = r.compile_s / native.compile_s
+        met = all(b >= 1.0 for b in best) and decode <= 1.05 and memory <= 1.1 and compile_ <= 1.0
+        print(f"{r.form:<40} " + " ".join(f"{b:>19.2f}x" for b in best)
+              + f" {decode:>20.2f}x {memory:>15.2f}x {compile_:>16.2f}x  {'ok' if met else 'missed'}")
+    print("memory here: in this process (weights held + RSS growth); benchmarks/deployed_memory.py measures the "
+          "deployed model's peak RssAnon per form in a fresh process.")
 
 
 if __name__ == "__main__":
