@@ -13,6 +13,7 @@ import json
 import subprocess
 import sys
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -40,8 +41,10 @@ from moe_fusion.lower import (
     RT_INFO,
     TARGETS,
     TILED,
+    Block,
     CpuFacts,
     choose_form,
+    decide,
     fused_experts_nodes,
     lower,
     weight_bytes,
@@ -384,8 +387,9 @@ POLICY = {
     ("no-amx", "gen1-qwen3moe"): (NO_AMX, {HYBRID_TILED}),
     ("no-amx", "gen2-gptoss-zerobias"): (NO_AMX, {HYBRID_GROUPED}),  # tiled pattern cannot form: grouped body
     ("no-amx", "gen1-gptoss"): (NO_AMX, {HYBRID_TILED}),
-    ("no-amx", "gen1-mixtral-int4-g16-sym"): (NO_AMX, {HYBRID_TILED}),
-    ("amx-f32", "gen1-mixtral-int4-g16-sym"): (AMX_F32, {HYBRID_TILED}),
+    ("no-amx", "gen1-mixtral-int4-g16-sym"): (NO_AMX, {PER_EXPERT}),  # int4: hybrid would hold 2 packed copies
+    ("amx-f32", "gen1-mixtral-int4-g16-sym"): (AMX_F32, {PER_EXPERT}),
+    ("amx-f32", "gen1-qwen3moe"): (AMX_F32, {HYBRID_TILED}),
     ("amx", "gen1-qwen3moe"): (AMX, {TILED}),
     ("amx", "gen1-gptoss"): (AMX, {TILED}),
     ("amx", "gen2-gptoss-zerobias"): (AMX, {GROUPED}),
@@ -416,6 +420,20 @@ def test_auto_decides_by_cpu_at_real_shapes(layer):
         assert f"stored {cpu.precision}" in reason
     assert choose_form(node, AMX)[0] == CPU
     assert weight_bytes(node) == 3 * 2 * SHAPES[layer].experts * SHAPES[layer].hidden * SHAPES[layer].intermediate
+
+
+@pytest.mark.parametrize("layer", ["qwen3", "mixtral"])
+def test_auto_keeps_one_packed_copy_for_compressed_weights(layer):
+    """int8/int4 weights without AMX: hybrid's two bodies would each pack a compressed copy (measured 1.95x
+    native's runtime memory at Qwen3 int4), so auto takes per-expert (1.1x); with AMX and bf16 still cpu."""
+    shape = SHAPES[layer]
+    block = Block(experts=shape.experts, top_k=shape.top_k, gemms=3,
+                  weight_bytes=3 * shape.experts * shape.hidden * shape.intermediate // 2, compressed=True)
+    for cpu in (NO_AMX, NO_AMX_BF16, AMX_F32):
+        form, reason = decide(block, cpu)
+        assert form == PER_EXPERT and "int8/int4" in reason
+    assert decide(block, AMX)[0] == CPU
+    assert decide(replace(block, compressed=False), NO_AMX_BF16)[0] == HYBRID
 
 
 @pytest.mark.parametrize(("cpu", "fixture"), sorted(POLICY))

@@ -72,13 +72,16 @@ class Block:
     top_k: int
     gemms: int
     weight_bytes: int
+    compressed: bool = False  # integer weights (int8/int4) behind a decompression subgraph
 
     @classmethod
     def of(cls, node: ov.Node) -> Block:
         return cls(experts=node.get_input_partial_shape(3)[0].get_length(),
                    top_k=node.get_input_partial_shape(2)[-1].get_length(),
                    gemms=3 if str(node.get_attributes()["expert_type"]) == GEMM3_SWIGLU else 2,
-                   weight_bytes=weight_bytes(node))
+                   weight_bytes=weight_bytes(node),
+                   compressed=any(c.get_element_type().is_integral() and len(c.get_output_shape(0)) >= 2
+                                  for c in _weight_constants(node)))  # not a Reshape's or Transpose's 1-D i64
 
     @property
     def token_bytes(self) -> float:
@@ -99,31 +102,43 @@ def decide(block: Block, cpu: CpuFacts) -> tuple[str, str]:
     """With AMX and bf16 inference GatherMatmul (`cpu`) is right in both phases: it runs each expert's routed
     rows as one AMX GEMM. Without, GatherMatmul's multi-token path is one GEMV per routed row (prefill 2-15x
     slower than one GEMM per expert), while the per-expert form pays for each of its expert GEMM nodes at
-    every decode step (1.2x native's decode time at 24 nodes, 1.5-2.6x at 384): no single graph wins both
-    phases, so `hybrid` takes per-expert for prompts and GatherMatmul for single tokens, in one If.
-    docs/lowering.md's workload model (chat, RAG, batch scoring) is why the decode phase decides the rest."""
+    every decode step (2.2-2.6x native's decode time at Qwen3's 384 nodes): no single graph wins both phases.
+    `hybrid` (per-expert for prompts, GatherMatmul for single tokens) wins both and holds native's runtime
+    memory when the weights are plain floats (its decode copy, stored in the compute precision, spares the
+    decompressed copy native GatherMatmul keeps); with int8/int4 weights each body's kernel packs its own
+    compressed copy (1.95x native's memory), so `per-expert`, whose memory is native's (1.1x).
+    docs/lowering.md has the measurements and the workload model (chat, RAG, batch scoring)."""
     if cpu.amx and cpu.precision == "bf16":
         return CPU, ("AMX with bf16 inference: GatherMatmul runs each expert's routed rows as one AMX GEMM "
                      "(prefill) and reads only the top-k experts (decode)")
     cpu_kind = "AMX without bf16 inference" if cpu.amx else "no AMX"
-    return HYBRID, (f"{cpu_kind}: GatherMatmul runs one GEMV per routed row (prefill several times slower than "
-                    f"one GEMM per expert), per-expert pays for its {block.gemms * block.experts} GEMM nodes at "
-                    f"every decode step (~{block.node_share(cpu):.2f}x the {block.token_bytes / 1e6:.1f} MB a "
-                    "token reads): per-expert for prompts, GatherMatmul for single tokens; decode weights "
-                    f"stored {cpu.precision}")
+    facts = (f"{cpu_kind}: GatherMatmul runs one GEMV per routed row (prefill several times slower than one GEMM "
+             f"per expert), per-expert pays for its {block.gemms * block.experts} GEMM nodes at every decode step "
+             f"(~{block.node_share(cpu):.2f}x the {block.token_bytes / 1e6:.1f} MB a token reads)")
+    if block.compressed:
+        return PER_EXPERT, (f"{facts}; int8/int4 weights: hybrid would hold two packed compressed copies (~2x "
+                            "native's memory), per-expert holds one (name --target hybrid to trade memory for "
+                            "decode speed)")
+    return HYBRID, (f"{facts}: per-expert for prompts, GatherMatmul for single tokens; decode weights stored "
+                    f"{cpu.precision}")
 
 
 def weight_bytes(node: ov.Node) -> int:
     """Bytes of a FusedExperts' expert weights as stored: every Constant feeding its weight inputs (compressed
     data, scales and zero points; f16 storage behind its Convert)."""
-    seen, stack, total = set(), [node.input_value(i).get_node() for i in range(3, node.get_input_size())], 0
+    return sum(c.get_byte_size() for c in _weight_constants(node))
+
+
+def _weight_constants(node: ov.Node) -> list[ov.Node]:
+    """The Constants a FusedExperts' weight inputs (3 and on) are computed from, each once."""
+    seen, stack, found = set(), [node.input_value(i).get_node() for i in range(3, node.get_input_size())], []
     while stack:
         current = stack.pop()
         if current.get_instance_id() in seen:
             continue
         seen.add(current.get_instance_id())
         if current.get_type_name() == "Constant":
-            total += current.get_byte_size()
+            found.append(current)
         else:
             stack += [value.get_node() for value in current.input_values()]
-    return total
+    return found
