@@ -370,6 +370,11 @@ def test_cli_lower_and_fuse_lower(tmp_path):
     assert "2 FusedExperts lowered for auto (2 " in result.output and CpuFacts.detect().describe() in result.output
     again = runner.invoke(main, ["lower", str(fused), "-o", str(tmp_path / "low")])
     assert again.exit_code == 2 and "--force" in again.output
+    hybrid = ["lower", str(fused), "-o", str(tmp_path / "hyb"), "--target", "hybrid", "--precision", "f32"]
+    result = runner.invoke(main, hybrid)  # lowered for f32 inference: exact weights, check at f32 holds
+    assert result.exit_code == 0 and "decode weights stored f32" in result.output, result.output
+    saved = ov.Core().read_model(tmp_path / "hyb" / "openvino_model.xml")
+    assert saved.get_rt_info([RT_INFO, "lowering", "decode_weights"]).astype(str) == "f32"
     bad = runner.invoke(main, ["lower", str(fused), "-o", str(tmp_path / "x"), "--target", "gpu"])
     assert bad.exit_code == 2
 

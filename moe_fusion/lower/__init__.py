@@ -72,13 +72,16 @@ class LowerReport:
     lowered: dict[str, str] = field(default_factory=dict)  # FusedExperts name -> form (tiled/grouped/per-expert)
     seconds: float = 0.0
     reasons: dict[str, str] = field(default_factory=dict)  # form -> why `auto` chose it
-    cpu: CpuFacts | None = None  # what `auto` decided for
+    cpu: CpuFacts | None = None  # what `auto` (or hybrid's weight storage) decided for
+    decode_weights: str = ""  # hybrid: the precision its decode body's plain float weights are stored in
 
     def summary(self) -> str:
         forms = ", ".join(f"{n} {f}" for f, n in sorted(Counter(self.lowered.values()).items()))
         chosen = f"; {self.cpu.describe()}" if self.cpu else ""
+        stored = (f"; hybrid decode weights stored {self.decode_weights} (what {self.decode_weights} inference "
+                  f"computes with; to verify at another precision, lower for it)") if self.decode_weights else ""
         return (f"{len(self.lowered)} FusedExperts lowered for {self.target} ({forms or 'none'}{chosen}) "
-                f"in {self.seconds:.2f} s")
+                f"in {self.seconds:.2f} s{stored}")
 
 
 def fused_experts_nodes(model: ov.Model) -> list[ov.Node]:
@@ -106,6 +109,7 @@ def lower(model: ov.Model, target: str = DEFAULT_TARGET, *, copy_weights: bool =
         gather_form = TILED if tiled_reason(Experts(node, False)) == "" else GROUPED  # what `cpu` means here
         if form == HYBRID:
             replacement = hybrid(node, per_expert, _FORMS[gather_form], copy_weights, report.cpu.store_type())
+            report.decode_weights = report.cpu.precision
             form = f"{HYBRID}({PER_EXPERT}/{gather_form})"
         else:
             form = gather_form if form == CPU else form
@@ -129,5 +133,7 @@ def _record(model: ov.Model, report: LowerReport) -> None:
     if report.cpu is not None:
         info["cpu"] = report.cpu.describe()
         info["reason"] = "; ".join(f"{form}: {why}" for form, why in sorted(report.reasons.items()))
+    if report.decode_weights:
+        info["decode_weights"] = report.decode_weights
     for key, value in info.items():
         model.set_rt_info(value, [RT_INFO, "lowering", key])
