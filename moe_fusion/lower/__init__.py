@@ -3,8 +3,9 @@
 Targets (docs/lowering.md has the measurements behind the default):
 
 - `auto` (default): chosen per block at lowering time for the CPU the model will run on (`CpuFacts`, detected
-  or given; `policy.decide`): with AMX and bf16 inference `cpu`; otherwise `hybrid`. The choice, its reason
-  and the CPU facts are recorded in the model's rt_info (`moe_fusion/lowering/...`).
+  or given; `policy.decide`): with AMX and bf16 inference `cpu`; otherwise `hybrid`, or `per-expert` for
+  int8/int4 weights (hybrid would hold two packed compressed copies). The choice, its reason and the CPU
+  facts are recorded in the model's rt_info (`moe_fusion/lowering/...`).
 - `hybrid`: `If(tokens > 1)`: the per-expert form for prompts, the `cpu` form for single tokens (decode),
   its weights stored in the CPU's inference precision (bf16 or f32). Prefills like per-expert, decodes like
   GatherMatmul; the IR file holds the layer twice, runtime memory about native GatherMatmul's.
