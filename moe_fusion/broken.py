@@ -19,10 +19,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import openvino as ov
 
 from moe_fusion.block import block_name, module_path
+from moe_fusion.graph import constant_data
+from moe_fusion.report import BlockReport
 
 BATCHED_MM = (
     "convert it again with every expert in the graph: call model.set_experts_implementation(\"batched_mm\") "
@@ -52,11 +53,6 @@ class Finding:
         return f"{self.problem}; {self.fix}"
 
 
-def _constant(value: ov.Output) -> np.ndarray | None:
-    node = value.get_node()
-    return np.asarray(node.get_data()) if node.get_type_name() == "Constant" else None
-
-
 def _one_hot_above(value: ov.Output, depth: int = 8) -> ov.Node | None:
     """The OneHot a value is computed from through mask plumbing (permute, sum, > 0, reshapes), if any."""
     for _ in range(depth):
@@ -70,7 +66,7 @@ def _one_hot_above(value: ov.Output, depth: int = 8) -> ov.Node | None:
 
 
 def _experts(one_hot: ov.Node) -> int:
-    depth = _constant(one_hot.input_value(1))
+    depth = constant_data(one_hot.input_value(1))
     return int(depth.reshape(-1)[0]) if depth is not None and depth.size == 1 else 0
 
 
@@ -115,7 +111,7 @@ def _constant_expert_ids(model: ov.Model) -> list[Finding]:
         if node.get_type_name() != "Gather":
             continue
         one_hot = _one_hot_above(node.input_value(0), depth=3)
-        index, axis = _constant(node.input_value(1)), _constant(node.input_value(2))
+        index, axis = constant_data(node.input_value(1)), constant_data(node.input_value(2))
         if one_hot is None or index is None or axis is None or index.size != 1 or int(axis.reshape(-1)[0]) != 0:
             continue
         experts = _experts(one_hot)
@@ -139,7 +135,7 @@ def _frozen_splits(model: ov.Model) -> list[Finding]:
     for node in model.get_ordered_ops():
         if node.get_type_name() != "VariadicSplit" or node.get_output_size() < 2:
             continue
-        axis, lengths = _constant(node.input_value(1)), _constant(node.input_value(2))
+        axis, lengths = constant_data(node.input_value(1)), constant_data(node.input_value(2))
         shape = node.get_input_partial_shape(0)
         if axis is None or lengths is None or shape.rank.is_dynamic or int(axis.reshape(-1)[0]) != 0:
             continue
@@ -188,8 +184,6 @@ def summary(found: list[Finding]) -> str:
 def mark(model: ov.Model, rows: list) -> list:
     """Name broken exports in the report: each skipped row (`BlockReport`) a finding is attributed to gets
     the reason "broken export: ..." and `broken_export` set; returns new rows for findings no row claims."""
-    from moe_fusion.report import BlockReport
-
     found = findings(model)
     if not found:
         return []

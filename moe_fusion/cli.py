@@ -11,11 +11,11 @@ import click
 
 from moe_fusion import __version__
 from moe_fusion.catalogue import CatalogueError
-from moe_fusion.check import FUSED_EXPERTS, MODES, check
+from moe_fusion.checking import FUSED_EXPERTS_MODES, MODES, check
 from moe_fusion.explain import explain as explained
 from moe_fusion.explain import text as explanation_text
 from moe_fusion.explain import to_json as explanation_json
-from moe_fusion.fuse import fuse
+from moe_fusion.fusing import fuse
 from moe_fusion.io import InputError, check_output, first_line, load, save
 from moe_fusion.lower import DEFAULT_TARGET, TARGETS, lower
 
@@ -166,7 +166,7 @@ def inspect_command(input_path, patterns, as_json, explain) -> None:
 @click.option("--mode", type=click.Choice(MODES), default="whole", show_default=True,
               help="whole: each whole model, one after the other; layers: segment by segment at the MoE blocks, "
               "one layer in memory at a time (for models larger than memory).")
-@click.option("--fused-experts", type=click.Choice(FUSED_EXPERTS), default="auto", show_default=True,
+@click.option("--fused-experts", type=click.Choice(FUSED_EXPERTS_MODES), default="auto", show_default=True,
               help="run FusedExperts as it is, or lower a copy to native per-expert ops first; auto lowers those "
               "with int8/int4 weights.")
 @click.option("--in-process", is_flag=True, help="Run both models in this process (no child process per side).")

@@ -15,19 +15,13 @@ from pathlib import Path
 import openvino as ov
 from openvino.frontend import FrontEndManager
 
-from moe_fusion.op import register
+from moe_fusion.runtime import core
 
 MODEL_FILE = "openvino_model.xml"
 
 
 class InputError(ValueError):
     """A path that is not a readable model, or an output that must not be written."""
-
-
-@functools.cache
-def core() -> ov.Core:
-    """A process-wide `ov.Core` that knows FusedExperts. For your own core: `moe_fusion.register(core)`."""
-    return register(ov.Core())
 
 
 def read_model(path: str | Path) -> ov.Model:

@@ -17,7 +17,7 @@ import numpy as np
 import openvino as ov
 import openvino.opset14 as ops
 
-MAPPED_BYTES = 16 << 20  # below this, plain memory is cheaper than a file
+SCRATCH_FILE_MIN_BYTES = 16 << 20  # below this, plain memory is cheaper than a file
 
 # Constants built from a Tensor (sub-byte types) do not keep the Tensor's memory alive: we do.
 _PINNED: list[np.ndarray] = []
@@ -26,7 +26,7 @@ _PINNED: list[np.ndarray] = []
 def empty(shape: tuple[int, ...] | list[int], dtype: np.dtype | type) -> np.ndarray:
     """An uninitialised C-contiguous array, file-backed when large."""
     nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    if nbytes < MAPPED_BYTES:
+    if nbytes < SCRATCH_FILE_MIN_BYTES:
         return np.empty(shape, dtype)
     file = tempfile.TemporaryFile(prefix="moe-fusion-")  # noqa: SIM115 (unlinked at once; closed with its mapping)
     file.truncate(nbytes)
@@ -42,7 +42,7 @@ def constant(array: np.ndarray) -> ov.Output:
 
 def packed_constant(raw: np.ndarray, element_type: ov.Type, shape: list[int]) -> ov.Output:
     """A Constant of a sub-byte (or otherwise raw) element type over `raw` bytes, shared, kept alive here."""
-    if raw.nbytes >= MAPPED_BYTES:
+    if raw.nbytes >= SCRATCH_FILE_MIN_BYTES:
         _PINNED.append(raw)
         return ops.constant(ov.Tensor(raw, ov.Shape(shape), element_type), shared_memory=True).output(0)
     tensor = ov.Tensor(element_type, shape)

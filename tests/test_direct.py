@@ -19,7 +19,7 @@ from click.testing import CliRunner
 import moe_fusion
 from moe_fusion import broken
 from moe_fusion.cli import main
-from moe_fusion.fuse import fuse
+from moe_fusion.fusing import fuse
 from moe_fusion.io import InputError, load
 
 FIXTURES = Path(__file__).resolve().parent.parent / "models" / "fixtures"
@@ -173,7 +173,7 @@ def test_convert_helper_stays_out_of_the_base_install():
     import subprocess
     import sys
 
-    code = "import moe_fusion, moe_fusion.fuse, moe_fusion.cli, sys; print('torch' in sys.modules)"
+    code = "import moe_fusion, moe_fusion.fusing, moe_fusion.cli, sys; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
     if importlib.util.find_spec("torch") is None:
         with pytest.raises(ImportError, match=r"moe-fusion\[convert\]"):

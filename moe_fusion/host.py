@@ -1,0 +1,42 @@
+"""Facts about the machine a run is on: memory available and disk space free, each read one way."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+UNKNOWN_MEMORY = 1 << 62  # what available_memory says where it cannot tell: no limit
+
+
+def available_memory() -> int:
+    """MemAvailable in bytes (Linux); UNKNOWN_MEMORY elsewhere."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return UNKNOWN_MEMORY
+
+
+def disk_free(path: str | Path) -> int:
+    """Bytes free to this user on the file system that holds `path` (or would: its nearest existing
+    parent)."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def same_disk(a: str | Path, b: str | Path) -> bool:
+    """Whether two paths (or their nearest existing parents) lie on one file system."""
+    return _device(a) == _device(b)
+
+
+def _device(path: str | Path) -> int:
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return os.stat(path).st_dev
