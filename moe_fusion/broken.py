@@ -6,7 +6,7 @@ loops over the experts the input hit, or turns routing counts into Python number
 of the lost experts may be in the file, but the graph no longer routes tokens to them. These checks find
 the traces of that, so the report says the *model* is wrong and how to convert it instead:
 
-- **hit-expert loop** (transformers 5 `eager` experts): `expert_hit = (one_hot(ids).sum(...) > 0).nonzero()`
+- **hit-expert loop** (e.g. transformers 5 `eager` experts): `expert_hit = (one_hot(ids).sum(...) > 0).nonzero()`
   iterated in Python: a Split of that NonZero into N pieces, N the experts the example input hit. Other
   inputs fail (`Split ... dimension_at_axis % num_splits`) or silently lose experts.
 - **constant expert ids**: the one-hot mask read at constant expert ids that do not cover 0..E-1 (a loop
@@ -39,18 +39,33 @@ LOOP_OVER_HIT = (
     "convert with transformers >= 5 and model.set_experts_implementation(\"batched_mm\") where the "
     "architecture's experts support it, otherwise patch the loop to run every expert (docs/converting.md)"
 )
+# Likely causes, said after the evidence: the graph shows what is wrong, not how it was made.
+HIT_LOOP_CAUSE = (
+    "a trace of MoE code that loops over the experts its example input hit (transformers 5's `eager` experts "
+    "under openvino.convert_model do)"
+)
+CONSTANT_IDS_CAUSE = (
+    "a trace that froze the expert ids its example input hit (a loop over `.item()` / `.tolist()` of expert "
+    "ids), or an edit of the graph that dropped or duplicated an expert"
+)
+FROZEN_CAUSE = "a trace that froze the routing counts as Python numbers (`expert_size.tolist()`)"
 _PLUMBING = ("Convert", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "ReduceSum", "Greater", "NotEqual")
 
 
 @dataclass
 class Finding:
+    """One broken MoE block: the evidence first (what the graph does wrong, read from the graph itself),
+    then the likely cause (a guess from the graph's shape: the model may come from anywhere), then how
+    to convert it correctly."""
+
     node: ov.Node  # where the evidence is
-    problem: str  # what is wrong with the model
+    problem: str  # the evidence: what is wrong with the model, e.g. "experts [3] of 8 are never computed"
+    cause: str  # how such a graph usually comes about
     fix: str  # how to convert it correctly
 
     @property
     def message(self) -> str:
-        return f"{self.problem}; {self.fix}"
+        return f"{self.problem}; likely cause: {self.cause}; {self.fix}"
 
 
 def _one_hot_above(value: ov.Output, depth: int = 8) -> ov.Node | None:
@@ -89,10 +104,10 @@ def _hit_expert_loops(model: ov.Model) -> list[Finding]:
         if not experts or not reduced:
             continue
         pieces = node.get_output_size()
-        found.append(Finding(node, f"the loop over experts was traced for the {pieces} experts the example "
-                             f"input hit, of {experts}: inputs that hit fewer fail to run ('Split ... "
-                             f"dimension_at_axis % num_splits'), inputs that hit others silently lose them",
-                             BATCHED_MM))
+        found.append(Finding(node, f"the loop over experts is unrolled for {pieces} of {experts} experts (a "
+                             f"{node.get_type_name()} of the experts-hit mask into {pieces} pieces): inputs that "
+                             "hit fewer fail to run ('Split ... dimension_at_axis % num_splits'), inputs that hit "
+                             "others silently lose them", HIT_LOOP_CAUSE, BATCHED_MM))
     return found
 
 
@@ -123,9 +138,9 @@ def _constant_expert_ids(model: ov.Model) -> list[Finding]:
         missing = sorted(set(range(experts)) - seen)
         if missing:
             kept = sorted(seen)
-            found.append(Finding(node, f"the trace kept experts {kept} (the ones the example input hit): experts "
-                                 f"{missing} of {experts} are missing, so tokens routed to them get nothing",
-                                 LOOP_OVER_HIT))
+            found.append(Finding(node, f"experts {missing} of {experts} are never computed: the expert mask is "
+                                 f"read only at constant expert ids {kept}, so tokens routed to the others get "
+                                 "nothing", CONSTANT_IDS_CAUSE, LOOP_OVER_HIT))
     return found
 
 
@@ -148,7 +163,8 @@ def _frozen_splits(model: ov.Model) -> list[Finding]:
         never = f"; experts {idle} got no rows at trace time and never run" if idle else ""
         found.append(Finding(node, f"the rows routed to each expert are split with constant sizes {sizes} "
                              f"(the example input's {sum(sizes)} routed rows), not the router's counts: the "
-                             f"model runs only on inputs routed exactly like the example{never}", FROZEN))
+                             f"model runs only on inputs routed exactly like the example{never}", FROZEN_CAUSE,
+                             FROZEN))
     return found
 
 
@@ -178,7 +194,8 @@ def attribute(found: list[Finding], routers: dict[str, ov.Node | None]) -> dict[
 def summary(found: list[Finding]) -> str:
     """One line per distinct problem, e.g. for `check`."""
     problems = {f.problem.split(":")[0] for f in found}
-    return f"broken export ({len(found)} MoE block(s)): " + "; ".join(sorted(problems)) + "; " + found[0].fix
+    return (f"broken export ({len(found)} MoE block(s)): " + "; ".join(sorted(problems))
+            + f"; likely cause: {found[0].cause}; {found[0].fix}")
 
 
 def mark(model: ov.Model, rows: list) -> list:
@@ -197,7 +214,7 @@ def mark(model: ov.Model, rows: list) -> list:
             row = BlockReport(key, "-", "skipped", router_node="")
             extra.append(row)
         problems = list(dict.fromkeys(f.problem for f in mine))
-        row.broken_export = "; ".join(problems) + "; " + mine[0].fix
+        row.broken_export = "; ".join(problems) + f"; likely cause: {mine[0].cause}; {mine[0].fix}"
         row.reason = "broken export: " + row.broken_export
         row.stopped_at = f"{mine[0].node.get_type_name()} '{mine[0].node.get_friendly_name()}'"
     return extra
