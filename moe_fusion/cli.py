@@ -16,7 +16,8 @@ from moe_fusion.explain import explain as explained
 from moe_fusion.explain import text as explanation_text
 from moe_fusion.explain import to_json as explanation_json
 from moe_fusion.fusing import fuse
-from moe_fusion.io import InputError, check_output, first_line, load, save
+from moe_fusion.host import NoSpaceError
+from moe_fusion.io import InputError, check_output, check_space, first_line, load, save
 from moe_fusion.lower import DEFAULT_TARGET, TARGETS, lower
 
 BAD_INPUT = 2
@@ -30,7 +31,7 @@ def one_line_errors(command):
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except (InputError, CatalogueError) as error:
+        except (InputError, CatalogueError, NoSpaceError) as error:  # NoSpaceError: a full disk, said up front
             click.echo(f"moe-fusion: {error}", err=True)
             sys.exit(BAD_INPUT)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
@@ -73,6 +74,7 @@ def fuse_command(input_path, output, report_path, patterns, no_verify, force, in
     if not input_path.is_dir() and output.suffix != ".xml":
         raise InputError(f"{output}: OUTPUT for a model file must be an IR .xml path")
     check_output(input_path, output, force=force, in_place=in_place)
+    check_space(input_path, output)  # scratch (stacked weights) and output: refuse now, not after the work
     model = load(input_path)
     # a bar (and the proof's cost up front) on a terminal only: piped or logged, click would print its label
     # after the table
@@ -118,6 +120,7 @@ def lower_command(input_path, output, target, force, in_place) -> None:
     if not input_path.is_dir() and output.suffix != ".xml":
         raise InputError(f"{output}: OUTPUT for a model file must be an IR .xml path")
     check_output(input_path, output, force=force, in_place=in_place)
+    check_space(input_path, output, scratch=False)
     model = load(input_path)
     report = lower(model, target)
     save(model, input_path, output)

@@ -1,12 +1,24 @@
-"""Facts about the machine a run is on: memory available and disk space free, each read one way."""
+"""Facts about the machine a run is on: memory available and disk space free, each read one way; and the
+error for a disk that is full."""
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from pathlib import Path
 
 UNKNOWN_MEMORY = 1 << 62  # what available_memory says where it cannot tell: no limit
+
+
+class NoSpaceError(OSError):
+    """Not enough disk space for the work asked for; the message says what is needed and what is free."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.ENOSPC, message)
+
+    def __str__(self) -> str:
+        return self.strerror
 
 
 def available_memory() -> int:
@@ -40,3 +52,8 @@ def _device(path: str | Path) -> int:
     while not path.exists() and path != path.parent:
         path = path.parent
     return os.stat(path).st_dev
+
+
+def gigabytes(nbytes: int) -> str:
+    """Bytes as users read disk sizes: '2.4 GB', or '1.26 MB' below 0.1 GB."""
+    return f"{nbytes / 1e6:.3g} MB" if nbytes < 1e8 else f"{nbytes / 1e9:.1f} GB"

@@ -20,6 +20,7 @@ import openvino as ov
 import openvino.opset14 as ops
 
 from moe_fusion import catalogue
+from moe_fusion.candidates import candidates
 from moe_fusion.graph import output_name
 
 FREE = -1  # computed from Constants only: belongs to every segment that reads it
@@ -45,9 +46,6 @@ def output_key(index: int) -> str:
 
 def anchors(original: ov.Model) -> list[str]:
     """Names of the nodes producing each MoE block's hidden input, as the fusing engine finds the blocks."""
-    from moe_fusion.fuse import candidates
-
-
     blocks, _ = candidates(original, catalogue.load(()))
     return [b.hidden.get_node().get_friendly_name() for b in blocks]
 
