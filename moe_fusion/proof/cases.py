@@ -2,9 +2,6 @@
 
 Inputs are chosen to be hard, each case compared on its own rows and scale:
   - 1 random token, run alone (the decode shape);
-  - in a run of its own, 8 rows holding a NaN row, a +Inf row, a -Inf row and a row with one NaN element
-    between finite rows: NaN/Inf must come out exactly where the original's do (moe_fusion.compare), so a
-    replacement that turns a NaN row finite, or spreads it where the original does not, is declined;
   - then one batch: 3 tokens [zero row, a row, the same row again] (a zero row ties every router score
     without a bias: both sides must share the router's tie-break; duplicated rows hit one expert twice);
     rows steered to every expert (each expert's router row, a sharper copy, 64 random rows); when the
@@ -12,9 +9,12 @@ Inputs are chosen to be hard, each case compared on its own rows and scale:
     states, rows at the type's extremes; forced routing: the routing weights and expert indices pass
     through a Select per element, so on these rows every expert runs in every top-k slot even when the
     router never picks it (skipped, with a note, when the block reads its router other than through
-    those two values).
-`experts_covered` counts the experts that ran and were compared (by the router or forced),
-`experts_routed` those the block's own router selected.
+    those two values);
+  - last, in a run of its own, 8 rows holding a NaN row, a +Inf row, a -Inf row and a row with one NaN
+    element between finite rows: NaN/Inf must come out exactly where the original's do
+    (moe_fusion.compare), so a replacement that turns a NaN row finite, or spreads it where the original
+    does not, is declined. Its routing is not counted as coverage (a router's choice on NaN means nothing).
+Each run is cut into pieces that fit in memory when the block holds memory per token.
 """
 
 from __future__ import annotations
@@ -31,8 +31,6 @@ from moe_fusion.graph import constant_data
 from moe_fusion.inputs import token_shape
 
 STEERED_TOKENS = 64
-
-
 NON_FINITE = "8 tokens with NaN, +Inf, -Inf rows and a row with one NaN element"
 
 
