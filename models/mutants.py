@@ -4,7 +4,7 @@ one of its MoE blocks, for fuzzing the fusion (`benchmarks/fuzz.py`, `tests/test
     for mutant in mutants(seed=0, count=200):
         mutant.name, mutant.description, mutant.model      # model is None when OpenVINO rejected the mutation
 
-Where a block is: the blocks `moe_fusion.fuse.candidates` finds on the unmutated fixture, each as the ops
+Where a block is: the blocks `moe_fusion.candidates.candidates` finds on the unmutated fixture, each as the ops
 between its experts' input and its output (router included), walked backwards without crossing ShapeOf.
 Experts of a per-expert loop are the ops downstream of one expert-id Gather of the one-hot mask up to its
 scatter; experts of a sort-and-slice block are the MatMuls at one position of its Concats; stacked forms
@@ -33,8 +33,8 @@ import openvino.opset14 as ops
 import moe_fusion
 from moe_fusion import catalogue
 from moe_fusion.block import MoEBlock
+from moe_fusion.candidates import candidates
 from moe_fusion.compressed import DECOMPRESSION, is_weight
-from moe_fusion.fuse import candidates
 from moe_fusion.io import first_line
 from moe_fusion.pattern import strip
 
@@ -862,8 +862,8 @@ def _against_reference(mutant: Mutant, tokens: int = 16) -> str:
     transformations) beside its FusedExperts on CPU: '' when they agree, else why not. Independent of the
     CPU plugin, which compiles some mutants as if unmutated (it ignores a tiled block's Tile repeats).
     Off by default: `Model.evaluate` crashes the process (SIGSEGV) on some mutants that the CPU runs."""
-    from moe_fusion.check import token_shape
-    from moe_fusion.prove import cut
+    from moe_fusion.inputs import token_shape
+    from moe_fusion.proof import cut
     from moe_fusion.rewrite import build
 
     model = mutant.model.clone()
@@ -886,7 +886,7 @@ def _against_reference(mutant: Mutant, tokens: int = 16) -> str:
     if not original.evaluate(outputs, ov.TensorVector([ov.Tensor(f) for f in feeds])):
         return ""
     want = np.asarray(outputs[0].data, np.float64).reshape(-1)
-    from moe_fusion.check import F32
+    from moe_fusion.runtime import F32
 
     compiled = moe_fusion.core().compile_model(rewritten, "CPU", F32)
     got = np.asarray(compiled(feeds[: len(rewritten.get_parameters())])[0], np.float64).reshape(-1)

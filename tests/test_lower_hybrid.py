@@ -10,7 +10,7 @@ import openvino.opset14 as ops
 import pytest
 
 from models.bench_models import SHAPES, fused_layer, layer_weights
-from moe_fusion.check import check
+from moe_fusion.checking import check
 from moe_fusion.compressed import mark_decompression
 from moe_fusion.lower import HYBRID, PER_EXPERT, TILED, CpuFacts, fused_experts_nodes, lower
 from moe_fusion.lower.experts import transposed_constant

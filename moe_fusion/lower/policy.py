@@ -11,8 +11,8 @@ from pathlib import Path
 
 import openvino as ov
 
-from moe_fusion.io import core
 from moe_fusion.reference import GEMM3_SWIGLU
+from moe_fusion.runtime import core
 
 FUSED_EXPERTS = "FusedExperts"
 AUTO = "auto"
