@@ -63,14 +63,14 @@ __all__ = [
     "fused_experts_nodes", "lower", "tiled_reason", "weight_bytes",
 ]
 
-RT_INFO = "moe_fusion"  # the lowered model's rt_info: moe_fusion/lowering/{target,forms,reason,cpu}
+RT_INFO = "moe_fusion"  # the lowered model's rt_info: moe_fusion/lowering/{target,forms,reason,cpu,decode_weights}
 _FORMS = {PER_EXPERT: per_expert, TILED: tiled, GROUPED: grouped}
 
 
 @dataclass
 class LowerReport:
     target: str
-    lowered: dict[str, str] = field(default_factory=dict)  # FusedExperts name -> form (tiled/grouped/per-expert)
+    lowered: dict[str, str] = field(default_factory=dict)  # FusedExperts name -> form (tiled, hybrid(...), ...)
     seconds: float = 0.0
     reasons: dict[str, str] = field(default_factory=dict)  # form -> why `auto` chose it
     cpu: CpuFacts | None = None  # what `auto` (or hybrid's weight storage) decided for
@@ -93,10 +93,11 @@ def lower(model: ov.Model, target: str = DEFAULT_TARGET, *, copy_weights: bool =
           cpu: CpuFacts | None = None) -> LowerReport:
     """Replace every FusedExperts of `model` in place by native ops of `target` (see TARGETS).
 
-    `cpu`: the CPU `auto` decides for (default: this machine's, `CpuFacts.detect()`); ignored by the other
-    targets. `copy_weights`: store plain (or Convert-ed) constant weights out-major, transposed once here in
-    numpy; False inserts a Transpose instead, which the plugin folds at every compile (benchmarks/lowering.py
-    measures both). The model's rt_info records the target, the forms and, for `auto`, why and for which CPU."""
+    `cpu`: the CPU `auto` decides for and whose inference precision `hybrid` stores its decode weights in
+    (default: this machine's, `CpuFacts.detect()`); ignored by the other targets. `copy_weights`: store
+    plain (or Convert-ed) constant weights out-major, transposed once here in numpy; False inserts a
+    Transpose instead, which the plugin folds at every compile (benchmarks/lowering.py measures both). The
+    model's rt_info records the target, the forms and, for `auto`, why and for which CPU."""
     if target not in TARGETS:
         raise LowerError(f"lowering target {target!r} is unknown; expected one of {', '.join(TARGETS)}")
     start = time.perf_counter()
