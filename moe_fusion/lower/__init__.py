@@ -3,8 +3,9 @@
 Targets (docs/lowering.md has the measurements behind the default):
 
 - `auto` (default): chosen per block at lowering time for the CPU the model will run on (`CpuFacts`, detected
-  or given; `policy.decide`): with AMX and bf16 inference `cpu`; otherwise `hybrid`, or `per-expert` for
-  int8/int4 weights (hybrid would hold two packed compressed copies). The choice, its reason and the CPU
+  or given; `policy.decide`): with AMX and bf16 inference `cpu`; otherwise `per-expert` for few large
+  experts (Mixtral) and for int8/int4 weights (hybrid would hold two packed compressed copies), `hybrid`
+  for many small experts with float weights (Qwen3-MoE). The choice, its reason and the CPU
   facts are recorded in the model's rt_info (`moe_fusion/lowering/...`).
 - `hybrid`: `If(tokens > 1)`: the per-expert form for prompts, the `cpu` form for single tokens (decode),
   its weights stored in the CPU's inference precision (bf16 or f32). Prefills like per-expert, decodes like
@@ -46,6 +47,7 @@ from moe_fusion.lower.policy import (
     GROUPED,
     HYBRID,
     PER_EXPERT,
+    PER_EXPERT_MAX_NODE_SHARE,
     TARGETS,
     TILED,
     Block,
@@ -58,7 +60,7 @@ from moe_fusion.lower.policy import (
 from moe_fusion.lower.tiled import tiled, tiled_reason
 
 __all__ = [
-    "AUTO", "CPU", "DEFAULT_TARGET", "FUSED_EXPERTS", "GROUPED", "HYBRID", "PER_EXPERT",
+    "AUTO", "CPU", "DEFAULT_TARGET", "FUSED_EXPERTS", "GROUPED", "HYBRID", "PER_EXPERT", "PER_EXPERT_MAX_NODE_SHARE",
     "RT_INFO", "TARGETS", "TILED", "Block", "CpuFacts", "LowerError", "LowerReport", "choose_form", "decide",
     "fused_experts_nodes", "lower", "tiled_reason", "weight_bytes",
 ]

@@ -38,8 +38,7 @@ class CpuFacts:
     name: str = ""
     # What one expert GEMM node of the per-expert form costs per decode step (dynamic-shape bookkeeping of
     # every expert's FullyConnected, executor lookup for the routed ones), as bytes of weights the memory bus
-    # could stream meanwhile: ~30-80 us at 12-24 GB/s on the 2-core machines measured. `auto` no longer
-    # weighs it (hybrid decodes without those nodes); the reason it records states it.
+    # could stream meanwhile: ~30-80 us at 12-24 GB/s on the 2-core machines measured.
     node_bytes: int = 1 << 20
 
     @classmethod
@@ -62,6 +61,14 @@ class CpuFacts:
 
     def describe(self) -> str:
         return f"{self.name or 'CPU'}: {'AMX' if self.amx else 'no AMX'}, {self.precision} inference"
+
+
+# Without AMX, per-expert is kept when its E expert GEMM nodes cost at most this share of the bytes a decoded
+# token reads (few large experts): then it decodes on par with GatherMatmul or faster and needs no second copy.
+# Measured here (AMD EPYC Zen 5, bf16): Mixtral-8x7B, 24 nodes vs 705 MB (share 0.04): per-expert decoded in
+# 0.85x native's time (f16) and 0.72x (int4), hybrid 1.25x; Qwen3-30B-A3B, 384 nodes vs 75 MB (share 5.4):
+# per-expert 2.2-2.6x, hybrid 1.00x.
+PER_EXPERT_MAX_NODE_SHARE = 0.25
 
 
 @dataclass(frozen=True)
@@ -102,19 +109,22 @@ def decide(block: Block, cpu: CpuFacts) -> tuple[str, str]:
     """With AMX and bf16 inference GatherMatmul (`cpu`) is right in both phases: it runs each expert's routed
     rows as one AMX GEMM. Without, GatherMatmul's multi-token path is one GEMV per routed row (prefill 2-15x
     slower than one GEMM per expert), while the per-expert form pays for each of its expert GEMM nodes at
-    every decode step (2.2-2.6x native's decode time at Qwen3's 384 nodes): no single graph wins both phases.
-    `hybrid` (per-expert for prompts, GatherMatmul for single tokens) wins both and holds native's runtime
-    memory when the weights are plain floats (its decode copy, stored in the compute precision, spares the
-    decompressed copy native GatherMatmul keeps); with int8/int4 weights each body's kernel packs its own
-    compressed copy (1.95x native's memory), so `per-expert`, whose memory is native's (1.1x).
+    every decode step. Few large experts (node share <= PER_EXPERT_MAX_NODE_SHARE): per-expert wins both
+    phases. Many small ones: no single graph does, and `hybrid` (per-expert for prompts, GatherMatmul for
+    single tokens) holds native's runtime memory when the weights are plain floats (its decode copy, stored
+    in the compute precision, spares the decompressed copy native GatherMatmul keeps); with int8/int4
+    weights each body's kernel packs its own compressed copy (1.95x native's memory), so `per-expert` (1.1x).
     docs/lowering.md has the measurements and the workload model (chat, RAG, batch scoring)."""
     if cpu.amx and cpu.precision == "bf16":
         return CPU, ("AMX with bf16 inference: GatherMatmul runs each expert's routed rows as one AMX GEMM "
                      "(prefill) and reads only the top-k experts (decode)")
     cpu_kind = "AMX without bf16 inference" if cpu.amx else "no AMX"
+    share = block.node_share(cpu)
     facts = (f"{cpu_kind}: GatherMatmul runs one GEMV per routed row (prefill several times slower than one GEMM "
-             f"per expert), per-expert pays for its {block.gemms * block.experts} GEMM nodes at every decode step "
-             f"(~{block.node_share(cpu):.2f}x the {block.token_bytes / 1e6:.1f} MB a token reads)")
+             f"per expert); per-expert's {block.gemms * block.experts} GEMM nodes cost ~{share:.2f}x the "
+             f"{block.token_bytes / 1e6:.1f} MB a decoded token reads")
+    if share <= PER_EXPERT_MAX_NODE_SHARE:
+        return PER_EXPERT, f"{facts}: few large experts, per-expert decodes on par or faster"
     if block.compressed:
         return PER_EXPERT, (f"{facts}; int8/int4 weights: hybrid would hold two packed compressed copies (~2x "
                             "native's memory), per-expert holds one (name --target hybrid to trade memory for "
