@@ -82,7 +82,7 @@ def convert(hf_dir: str | Path, out: str | Path, *, weight_format: str = "fp32",
                          'pip install "moe-fusion[convert]"') from None
     from moe_fusion.convert import folder, proof, stateful, trace, weights
     from moe_fusion.convert import source as src
-    from moe_fusion.fuse import fuse
+    from moe_fusion.fusing import fuse
     from moe_fusion.lower import lower as lower_model
 
     seconds: dict[str, float] = {}
