@@ -55,6 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.ort_moe import OrtForm, ort_moe_model
 from models.bench_models import SHAPES, WEIGHT_TYPES, LayerWeights, layer_weights, loop_layer, tiled_layer
+from moe_fusion import host
 from moe_fusion.compressed import mark_decompression
 from moe_fusion.fusing import fuse
 from moe_fusion.lower import AUTO, HYBRID, PER_EXPERT, TARGETS, CpuFacts, choose_form, fused_experts_nodes, lower
@@ -242,11 +243,8 @@ _RSS_PER_FORM, _RSS_BUILDING = 3.7, 3.0
 
 
 def available_bytes() -> int:
-    with open("/proc/meminfo") as meminfo:
-        for line in meminfo:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    """MemAvailable, read as the engine reads it (moe_fusion.host; unknown: no limit)."""
+    return host.available_memory()
 
 
 def rss_gb() -> tuple[float, float]:

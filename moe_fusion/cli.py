@@ -132,6 +132,34 @@ def lower_command(input_path, output, target, precision, force, in_place) -> Non
     click.echo(f"{report.summary()} -> {output}")
 
 
+@main.command("convert")
+@click.argument("hf_dir", metavar="HF_MODEL_DIR", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Output folder.")
+@click.option("--weight-format", type=click.Choice(("fp32", "fp16", "int8", "int4")), default="fp32",
+              show_default=True, help="Weights of the written model (int8/int4: NNCF).")
+@click.option("--lower", "lower_target", type=click.Choice(TARGETS), default=DEFAULT_TARGET, show_default=True,
+              help="Lower FusedExperts to native ops for TARGET.")
+@click.option("--no-lower", is_flag=True, help="Keep FusedExperts (the folder then needs moe-fusion to run).")
+@click.option("--force", is_flag=True, help="Overwrite an existing OUTPUT.")
+@one_line_errors
+def convert_command(hf_dir, output, weight_format, lower_target, no_lower, force) -> None:
+    """Convert a Hugging Face MoE model folder into a stateful, fused, proven folder openvino-genai runs."""
+    from moe_fusion.convert import convert
+    from moe_fusion.convert.pipeline import ConversionError
+
+    try:
+        report = convert(hf_dir, output, weight_format=weight_format, lower=None if no_lower else lower_target,
+                         force=force, progress=lambda message: click.echo(message, err=True))
+    except ConversionError as error:
+        click.echo(f"moe-fusion: {error}", err=True)
+        sys.exit(NOT_EQUIVALENT)
+    if report.fuse is not None and report.fuse.blocks:
+        click.echo(report.fuse.table())
+    for note in report.compression:
+        click.echo(note)
+    click.echo(report.summary())
+
+
 @main.command("inspect")
 @click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
 @patterns_option

@@ -13,11 +13,11 @@ import pytest
 from click.testing import CliRunner
 from test_direct import BROKEN  # broken-export fixtures: nothing to fuse, nothing for a hook to trace
 
-import moe_fusion
 from moe_fusion import catalogue
 from moe_fusion.candidates import candidates
 from moe_fusion.cli import main
 from moe_fusion.explain import Trace, Walk, explain, family_trace
+from moe_fusion.io import load
 
 FIXTURES = Path(__file__).resolve().parent.parent / "models" / "fixtures"
 FAMILIES = ("per_expert_loop", "tiled", "gptoss", "sort_and_slice", "llama4")
@@ -29,8 +29,7 @@ def run(*args) -> tuple[int, str, str]:
 
 
 def read(name: str) -> ov.Model:
-    folder = FIXTURES / name
-    return moe_fusion.read_model(next(iter(sorted(folder.glob("*.xml")) or sorted(folder.glob("*.onnx")))))
+    return load(FIXTURES / name)  # a folder's openvino_model.xml (deploy-* folders also hold tokenizer IRs)
 
 
 def gelu(model: ov.Model, where: str = "") -> ov.Model:
