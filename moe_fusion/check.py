@@ -7,9 +7,10 @@ ReadValue/Assign) runs a prefill of each token count and then `steps` greedy dec
 between runs; decode feeds the argmax of the ORIGINAL's logits to both models so they stay on one path.
 A stateless model runs once per token count. Every output is compared at every step.
 
-Verdict per output and step: all values finite where the original's are, same shape, and
-`max|fused - original| <= atol + rtol * max|original|` (rtol is relative to the output's scale at that
-step: element-wise relative error is meaningless where values cross zero). Top-1 agreement of logits is
+Verdict per output and step (moe_fusion.compare, the one comparison the proof also uses): same shape,
+NaN/±Inf exactly where the original has them, and on finite values
+`max|fused - original| <= atol + rtol * max|finite original|` (rtol is relative to the output's scale at
+that step: element-wise relative error is meaningless where values cross zero). Top-1 agreement of logits is
 reported but is not part of the verdict: differences inside the tolerance may flip near-ties.
 Default tolerances depend on the original's weight type (see DEFAULT_TOLERANCES and docs/checking.md).
 """
@@ -27,6 +28,7 @@ import numpy as np
 import openvino as ov
 
 from moe_fusion import broken
+from moe_fusion.compare import compare
 from moe_fusion.io import InputError, core, first_line, load
 
 # weight type -> (atol, rtol), rtol relative to the output's largest magnitude. Both models run the same
@@ -535,39 +537,26 @@ def _run_layers(job: _Job, model: ov.Model, lower_it: bool, side: _Side) -> _Sid
 def _compare(
     name: str, step: str, tokens: int, want: np.ndarray, got: np.ndarray, atol: float, rtol: float, logits: bool
 ) -> OutputCheck:
+    """One output at one step, judged by moe_fusion.compare (NaN/Inf must match the original's exactly)."""
     shape = list(want.shape)
-    if got.shape != want.shape:
+    result = compare(want, got, rtol=rtol, atol=atol)
+    if result.shape_error:
         return OutputCheck(name, step, tokens, shape, float("inf"), float("inf"), 0.0, None, [], (0.0, 0.0), False,
-                           f"shape {list(got.shape)} instead of {shape}")
-    w, g = want.astype(np.float64), got.astype(np.float64)
-    both_nan = np.isnan(w) & np.isnan(g)
-    diff = np.where(both_nan, 0.0, np.abs(g - w))
-    diff = np.where(np.isnan(diff), np.inf, diff)  # NaN on one side only
-    scale = float(np.abs(w[np.isfinite(w)]).max()) if np.isfinite(w).any() else 0.0
-    worst = np.unravel_index(int(np.argmax(diff)), diff.shape) if diff.size else ()
-    max_abs = float(diff[worst]) if diff.size else 0.0
-    max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
-    finite = np.isfinite(w) & np.isfinite(g)
-    wf, gf = w[finite], g[finite]
-    norms = float(np.linalg.norm(wf) * np.linalg.norm(gf))
-    cosine = float(wf @ gf / norms) if norms > 0 else float(np.array_equal(wf, gf))
+                           result.shape_error)
     top1 = None
     if logits and want.ndim >= 1 and want.shape[-1] > 1 and want.size:
         top1 = float((want.argmax(-1) == got.argmax(-1)).mean())
-    limit = atol + rtol * scale
-    ok = bool(max_abs <= limit)
     reason = ""
-    if not ok:
-        where = ",".join(map(str, worst))
-        values = (float(w[worst]), float(g[worst]))
+    if not result.ok and result.nonfinite_mismatches:
+        reason = f"output '{name}' at {step}: {result.describe()}"
+    elif not result.ok:
+        where = ",".join(map(str, result.worst))
         reason = (
-            f"output '{name}' at {step}: max |diff| {max_abs:.3g} > {limit:.3g} (atol {atol:g} + rtol {rtol:g} "
-            f"x scale {scale:.3g}) at [{where}]: original {values[0]:.6g}, fused {values[1]:.6g}"
+            f"output '{name}' at {step}: max |diff| {result.max_abs:.3g} > {result.limit:.3g} (atol {atol:g} + rtol "
+            f"{rtol:g} x scale {result.scale:.3g}) at [{where}]: original {result.want:.6g}, fused {result.got:.6g}"
         )
-    return OutputCheck(
-        name, step, tokens, shape, max_abs, max_rel, cosine, top1, [int(i) for i in worst],
-        (float(w[worst]), float(g[worst])) if diff.size else (0.0, 0.0), ok, reason,
-    )
+    return OutputCheck(name, step, tokens, shape, result.max_abs, result.max_rel, result.cosine, top1,
+                       list(result.worst), (result.want, result.got), result.ok, reason)
 
 
 MODES = ("whole", "layers")

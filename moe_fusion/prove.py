@@ -39,6 +39,7 @@ import openvino.opset14 as ops
 from moe_fusion import isolate, mapped
 from moe_fusion.block import MoEBlock, Weight
 from moe_fusion.check import F32, available_memory, token_shape
+from moe_fusion.compare import Comparison, compare
 from moe_fusion.compressed import Compressed
 from moe_fusion.io import core
 from moe_fusion.io import first_line as _first_line
@@ -48,6 +49,7 @@ from moe_fusion.io import first_line as _first_line
 # at real hidden sizes while any wrong expert, weight, lane or routing shows at 1e-1 or more.
 RTOL = 1e-4
 MAX_BLOCK_NODES = 200_000
+SCALE_FLOOR = 1e-6  # the least scale a case is judged at: an all-zero output still has a tolerance
 
 
 # Output rounding of the block's own type adds up to half an ulp on each side.
@@ -263,25 +265,23 @@ def _forced_routing(tokens: int, num_experts: int, top_k: int, rng: np.random.Ge
     return indices.astype(index_type), (weights / weights.sum(1, keepdims=True)).astype(np.float32)
 
 
-def _compare(case: str, want: np.ndarray, got: np.ndarray, rtol: float, chosen: np.ndarray | None) -> str:
-    """'' when equal within rtol of the case's scale, else the reason (worst token and its experts)."""
-    if got.size != want.size:
-        return f"{case}: replacement has {got.size} values, original {want.size}"
+def _compare(case: str, want: np.ndarray, got: np.ndarray, rtol: float, chosen: np.ndarray | None) -> Comparison:
+    """One case's rows compared under moe_fusion.compare's policy (non-finite values must match exactly);
+    the tolerance is rtol of the case's finite scale, floored at 1e-6 so an all-zero output is not judged
+    on rounding alone."""
     tokens = chosen.shape[0] if chosen is not None else 1
-    want = want.reshape(tokens, -1).astype(np.float64)
-    got = got.reshape(tokens, -1).astype(np.float64)
-    # NaN or inf where the original has the same (PhiMoE's sparsemixer gives NaN on an all-zero row)
-    same = (np.isnan(want) & np.isnan(got)) | (np.isinf(want) & (want == got))
-    diff = np.where(same, 0.0, np.abs(got - want))
-    diff = np.where(np.isnan(diff), np.inf, diff)
-    finite = want[np.isfinite(want)]
-    scale = max(float(np.abs(finite).max()) if finite.size else 0.0, 1e-6)
-    error = float(diff.max()) if diff.size else 0.0
-    if error <= rtol * scale:
-        return ""
-    token = int(np.unravel_index(int(np.argmax(diff)), diff.shape)[0])
+    if got.size != want.size:
+        return compare(want, got, rtol=rtol, same_size=True)
+    return compare(want.reshape(tokens, -1), got.reshape(tokens, -1), rtol=rtol, atol=rtol * SCALE_FLOOR)
+
+
+def _reason(case: str, result: Comparison, chosen: np.ndarray | None) -> str:
+    """The case, why it failed, and the worst token with the experts it ran."""
+    if result.shape_error:
+        return f"{case}: replacement has {result.shape_error}"
+    token = result.worst[0]
     experts = f" (experts {chosen[token].tolist()})" if chosen is not None else ""
-    return f"{case}: max |diff| {error:.3g} vs scale {scale:.3g} at token {token}{experts}"
+    return f"{case}: {result.describe('original', 'replacement')} at token {token}{experts}"
 
 
 @dataclass
@@ -590,10 +590,10 @@ def _verdict(pending: Pending, original: list, fused_runs: list) -> Proof:
             want, got = want_all[rows], got_all[rows]
             if case.name not in proof.cases:
                 proof.cases.append(case.name)
-            proof.max_abs_error = max(proof.max_abs_error, _max_abs(want, got))
-            reason = _compare(case.name, want, got, rtol, experts)
-            if reason:
-                return _failed(proof, f"outputs differ on {reason}", routed, covered)
+            result = _compare(case.name, want, got, rtol, experts)
+            proof.max_abs_error = max(proof.max_abs_error, result.max_abs)
+            if not result.ok:
+                return _failed(proof, f"outputs differ on {_reason(case.name, result, experts)}", routed, covered)
             if case.forced is None:
                 routed.update(np.unique(experts).tolist())
             covered.update(np.unique(experts).tolist())
@@ -602,13 +602,6 @@ def _verdict(pending: Pending, original: list, fused_runs: list) -> Proof:
     proof.experts_routed = len(routed & set(range(block.num_experts)))
     proof.experts_covered = len(covered & set(range(block.num_experts)))
     return proof
-
-
-def _max_abs(want: np.ndarray, got: np.ndarray) -> float:
-    if want.size == 0 or want.size != got.size:
-        return 0.0
-    diff = np.abs(got.astype(np.float64).reshape(-1) - want.astype(np.float64).reshape(-1))
-    return float(np.nanmax(diff)) if np.isfinite(diff).any() else float("inf")
 
 
 def _failed(proof: Proof, reason: str, routed: set[int], covered: set[int]) -> Proof:
