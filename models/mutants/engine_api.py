@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import moe_fusion
 from moe_fusion import catalogue
+from moe_fusion.compare import compare
 from moe_fusion.compressed import DECOMPRESSION, is_weight
 from moe_fusion.fuse import candidates
 from moe_fusion.io import InputError, first_line
+from moe_fusion.isolate import Worker, WorkerCrash
 from moe_fusion.pattern import strip
 
 check = moe_fusion.check
@@ -59,4 +61,7 @@ def f32_config() -> dict:
     return F32
 
 
-__all__ = ["DECOMPRESSION", "InputError", "first_line", "is_weight", "strip"]
+# check(progress=True) says on stderr which side runs: "moe-fusion: original: ..." / "moe-fusion: fused: ..."
+PROGRESS_PREFIX = "moe-fusion: "
+
+__all__ = ["DECOMPRESSION", "InputError", "Worker", "WorkerCrash", "compare", "first_line", "is_weight", "strip"]
