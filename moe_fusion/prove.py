@@ -12,6 +12,9 @@ that proves FusedExperts itself).
 
 Inputs are chosen to be hard, each case compared on its own rows and scale:
   - 1 random token, run alone (the decode shape);
+  - in a run of its own, 8 rows holding a NaN row, a +Inf row, a -Inf row and a row with one NaN element
+    between finite rows: NaN/Inf must come out exactly where the original's do (moe_fusion.compare), so a
+    replacement that turns a NaN row finite, or spreads it where the original does not, is declined;
   - then one batch: 3 tokens [zero row, a row, the same row again] (a zero row ties every router score
     without a bias: both sides must share the router's tie-break; duplicated rows hit one expert twice);
     rows steered to every expert (each expert's router row, a sharper copy, 64 random rows); when the
@@ -55,6 +58,7 @@ SCALE_FLOOR = 1e-6  # the least scale a case is judged at: an all-zero output st
 # Output rounding of the block's own type adds up to half an ulp on each side.
 TYPE_RTOL = {"f32": RTOL, "f16": 2.0**-9, "bf16": 2.0**-6}
 STEERED_TOKENS = 64
+NON_FINITE = "8 tokens with NaN, +Inf, -Inf rows and a row with one NaN element"
 
 
 @dataclass
@@ -289,6 +293,17 @@ class _Case:
     name: str
     rows: np.ndarray  # [n, H] hidden rows
     forced: tuple[np.ndarray, np.ndarray] | None = None  # [n, K] expert indices, routing weights
+    alone: bool = False  # runs in a batch of its own (non-finite rows must not reach other cases' rows)
+
+
+def _non_finite_rows(rng: np.random.Generator, h: int) -> np.ndarray:
+    """A NaN row, a +Inf row, a -Inf row and a row with one NaN element, each between finite rows: the
+    replacement must give NaN/Inf exactly where the original does, on those rows and (should the
+    original's plumbing spread them) on their neighbours."""
+    rows = rng.standard_normal((8, h)).astype(np.float32)
+    rows[1], rows[3], rows[4] = np.nan, np.inf, -np.inf
+    rows[6, h // 2] = np.nan
+    return rows
 
 
 def _cases(block: MoEBlock, rng: np.random.Generator, h: int, forced: bool, proof: Proof) -> list:
@@ -313,6 +328,7 @@ def _cases(block: MoEBlock, rng: np.random.Generator, h: int, forced: bool, proo
         routing = _forced_routing(tokens, block.num_experts, block.top_k, rng, index_type)
         rows = rng.standard_normal((tokens, h)).astype(np.float32)
         cases.append(_Case(f"{tokens} tokens with forced routing", rows, routing))
+    cases.append(_Case(NON_FINITE, _non_finite_rows(rng, h), alone=True))
     return cases
 
 
@@ -344,25 +360,34 @@ ROWS_MEMORY_SHARE = 0.2
 
 
 def _batches(block: MoEBlock, cases: list[_Case]) -> list[list[_Case]]:
-    """The runs: 1 token alone, then every other case in one batch, or in pieces of as many rows as fit
-    when the block takes memory per token (a direct-conversion block gathers K experts' f32 weights per
-    token: 151 MB at Qwen3-30B-A3B's shape)."""
-    rest, limit = cases[1:], sum(len(c.rows) for c in cases[1:])
+    """The runs: 1 token alone, every other case in one batch, then each case marked `alone` in a run of
+    its own; each in pieces of as many rows as fit when the block takes memory per token (a
+    direct-conversion block gathers K experts' f32 weights per token: 151 MB at Qwen3-30B-A3B's shape)."""
+    together = [c for c in cases[1:] if not c.alone]
+    limit = max([sum(len(c.rows) for c in together), *(len(c.rows) for c in cases)])
     if block.bytes_per_token:
         memory = min(available_memory(), 64 << 30)  # "unknown" is no limit there: take 64 GB
         limit = max(1, int(memory * ROWS_MEMORY_SHARE) // block.bytes_per_token)
+    runs = [cases[:1]]
+    for group in [together] + [[c] for c in cases[1:] if c.alone]:
+        runs += _pieces(group, limit)
+    return [run for run in runs if run]
+
+
+def _pieces(cases: list[_Case], limit: int) -> list[list[_Case]]:
+    """`cases` cut into runs of at most `limit` rows."""
     pieces, piece, room = [], [], limit
-    for case in rest:
+    for case in cases:
         start = 0
         while start < len(case.rows):
             take = min(room, len(case.rows) - start)
             forced = tuple(a[start : start + take] for a in case.forced) if case.forced is not None else None
-            piece.append(_Case(case.name, case.rows[start : start + take], forced))
+            piece.append(_Case(case.name, case.rows[start : start + take], forced, case.alone))
             start, room = start + take, room - take
             if room == 0:
                 pieces.append(piece)
                 piece, room = [], limit
-    return [cases[:1], *pieces, *([piece] if piece else [])]
+    return [*pieces, *([piece] if piece else [])]
 
 
 class _NotTokenRows(ValueError):
@@ -594,6 +619,8 @@ def _verdict(pending: Pending, original: list, fused_runs: list) -> Proof:
             proof.max_abs_error = max(proof.max_abs_error, result.max_abs)
             if not result.ok:
                 return _failed(proof, f"outputs differ on {_reason(case.name, result, experts)}", routed, covered)
+            if case.alone:  # the router's choice on NaN/Inf rows means nothing: not counted as coverage
+                continue
             if case.forced is None:
                 routed.update(np.unique(experts).tolist())
             covered.update(np.unique(experts).tolist())

@@ -115,7 +115,13 @@ def expert_forward(
     expert_beta: float = 1.0,
     gate_idx: int = 0,
 ) -> np.ndarray:
-    """One expert's MLP on rows `x` [n, H]; `weights` are that expert's 2-D/1-D slices, float32."""
+    """One expert's MLP on rows `x` [n, H]; `weights` are that expert's 2-D/1-D slices, float32. NaN/Inf
+    rows propagate as in the unfused graph (each row's own output only), without numpy's warnings."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        return _expert_forward(x, weights, expert_type, expert_alpha, expert_beta, gate_idx)
+
+
+def _expert_forward(x, weights, expert_type, expert_alpha, expert_beta, gate_idx) -> np.ndarray:
     if expert_type == GEMM3_SWIGLU:
         w_gate, w_up, w_down = weights
         gate = x @ w_gate
