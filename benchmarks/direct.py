@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lowering import available_bytes, rss_gb, runtime_kernels
 
 from models.bench_models import SHAPES, batched_mm_layer, layer_weights, tiled_layer
-from moe_fusion.fuse import fuse
+from moe_fusion.fusing import fuse
 from moe_fusion.io import core
 from moe_fusion.lower import lower
 

@@ -58,7 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.ort_moe import OrtForm, ort_moe_model
 from models.bench_models import SHAPES, WEIGHT_TYPES, LayerWeights, layer_weights, loop_layer, tiled_layer
 from moe_fusion.compressed import mark_decompression
-from moe_fusion.fuse import fuse
+from moe_fusion.fusing import fuse
 from moe_fusion.io import core
 from moe_fusion.lower import AUTO, PER_EXPERT, TARGETS, TILED, CpuFacts, choose_form, fused_experts_nodes, lower
 

@@ -1,10 +1,13 @@
 """moe-fusion: find, fuse, verify and lower Mixture-of-Experts layers in OpenVINO models."""
 
-from moe_fusion.check import CheckReport, check
-from moe_fusion.fuse import FuseMoE, fuse
-from moe_fusion.io import core, read_model
+# The functions `fuse` and `check` live in the modules `fusing` and `checking`: a package attribute can be
+# a module or a function, not both, so no module here is named after a function it exports.
+from moe_fusion.checking import CheckReport, check
+from moe_fusion.fusing import FuseMoE, fuse
+from moe_fusion.io import read_model
 from moe_fusion.op import FusedExperts, FusedExpertsError, register
 from moe_fusion.reference import GEMM2_BIAS_SWIGLU_CLAMP, GEMM3_SWIGLU
+from moe_fusion.runtime import core
 
 __version__ = "0.1.0"
 

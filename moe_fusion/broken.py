@@ -6,7 +6,7 @@ loops over the experts the input hit, or turns routing counts into Python number
 of the lost experts may be in the file, but the graph no longer routes tokens to them. These checks find
 the traces of that, so the report says the *model* is wrong and how to convert it instead:
 
-- **hit-expert loop** (transformers 5 `eager` experts): `expert_hit = (one_hot(ids).sum(...) > 0).nonzero()`
+- **hit-expert loop** (e.g. transformers 5 `eager` experts): `expert_hit = (one_hot(ids).sum(...) > 0).nonzero()`
   iterated in Python: a Split of that NonZero into N pieces, N the experts the example input hit. Other
   inputs fail (`Split ... dimension_at_axis % num_splits`) or silently lose experts.
 - **constant expert ids**: the one-hot mask read at constant expert ids that do not cover 0..E-1 (a loop
@@ -19,10 +19,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import openvino as ov
 
 from moe_fusion.block import block_name, module_path
+from moe_fusion.graph import constant_data
+from moe_fusion.report import BlockReport
 
 BATCHED_MM = (
     "convert it again with every expert in the graph: call model.set_experts_implementation(\"batched_mm\") "
@@ -38,23 +39,33 @@ LOOP_OVER_HIT = (
     "convert with transformers >= 5 and model.set_experts_implementation(\"batched_mm\") where the "
     "architecture's experts support it, otherwise patch the loop to run every expert (docs/converting.md)"
 )
+# Likely causes, said after the evidence: the graph shows what is wrong, not how it was made.
+HIT_LOOP_CAUSE = (
+    "a trace of MoE code that loops over the experts its example input hit (transformers 5's `eager` experts "
+    "under openvino.convert_model do)"
+)
+CONSTANT_IDS_CAUSE = (
+    "a trace that froze the expert ids its example input hit (a loop over `.item()` / `.tolist()` of expert "
+    "ids), or an edit of the graph that dropped or duplicated an expert"
+)
+FROZEN_CAUSE = "a trace that froze the routing counts as Python numbers (`expert_size.tolist()`)"
 _PLUMBING = ("Convert", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "ReduceSum", "Greater", "NotEqual")
 
 
 @dataclass
 class Finding:
+    """One broken MoE block: the evidence first (what the graph does wrong, read from the graph itself),
+    then the likely cause (a guess from the graph's shape: the model may come from anywhere), then how
+    to convert it correctly."""
+
     node: ov.Node  # where the evidence is
-    problem: str  # what is wrong with the model
+    problem: str  # the evidence: what is wrong with the model, e.g. "experts [3] of 8 are never computed"
+    cause: str  # how such a graph usually comes about
     fix: str  # how to convert it correctly
 
     @property
     def message(self) -> str:
-        return f"{self.problem}; {self.fix}"
-
-
-def _constant(value: ov.Output) -> np.ndarray | None:
-    node = value.get_node()
-    return np.asarray(node.get_data()) if node.get_type_name() == "Constant" else None
+        return f"{self.problem}; likely cause: {self.cause}; {self.fix}"
 
 
 def _one_hot_above(value: ov.Output, depth: int = 8) -> ov.Node | None:
@@ -70,7 +81,7 @@ def _one_hot_above(value: ov.Output, depth: int = 8) -> ov.Node | None:
 
 
 def _experts(one_hot: ov.Node) -> int:
-    depth = _constant(one_hot.input_value(1))
+    depth = constant_data(one_hot.input_value(1))
     return int(depth.reshape(-1)[0]) if depth is not None and depth.size == 1 else 0
 
 
@@ -93,10 +104,10 @@ def _hit_expert_loops(model: ov.Model) -> list[Finding]:
         if not experts or not reduced:
             continue
         pieces = node.get_output_size()
-        found.append(Finding(node, f"the loop over experts was traced for the {pieces} experts the example "
-                             f"input hit, of {experts}: inputs that hit fewer fail to run ('Split ... "
-                             f"dimension_at_axis % num_splits'), inputs that hit others silently lose them",
-                             BATCHED_MM))
+        found.append(Finding(node, f"the loop over experts is unrolled for {pieces} of {experts} experts (a "
+                             f"{node.get_type_name()} of the experts-hit mask into {pieces} pieces): inputs that "
+                             "hit fewer fail to run ('Split ... dimension_at_axis % num_splits'), inputs that hit "
+                             "others silently lose them", HIT_LOOP_CAUSE, BATCHED_MM))
     return found
 
 
@@ -115,7 +126,7 @@ def _constant_expert_ids(model: ov.Model) -> list[Finding]:
         if node.get_type_name() != "Gather":
             continue
         one_hot = _one_hot_above(node.input_value(0), depth=3)
-        index, axis = _constant(node.input_value(1)), _constant(node.input_value(2))
+        index, axis = constant_data(node.input_value(1)), constant_data(node.input_value(2))
         if one_hot is None or index is None or axis is None or index.size != 1 or int(axis.reshape(-1)[0]) != 0:
             continue
         experts = _experts(one_hot)
@@ -127,9 +138,9 @@ def _constant_expert_ids(model: ov.Model) -> list[Finding]:
         missing = sorted(set(range(experts)) - seen)
         if missing:
             kept = sorted(seen)
-            found.append(Finding(node, f"the trace kept experts {kept} (the ones the example input hit): experts "
-                                 f"{missing} of {experts} are missing, so tokens routed to them get nothing",
-                                 LOOP_OVER_HIT))
+            found.append(Finding(node, f"experts {missing} of {experts} are never computed: the expert mask is "
+                                 f"read only at constant expert ids {kept}, so tokens routed to the others get "
+                                 "nothing", CONSTANT_IDS_CAUSE, LOOP_OVER_HIT))
     return found
 
 
@@ -139,7 +150,7 @@ def _frozen_splits(model: ov.Model) -> list[Finding]:
     for node in model.get_ordered_ops():
         if node.get_type_name() != "VariadicSplit" or node.get_output_size() < 2:
             continue
-        axis, lengths = _constant(node.input_value(1)), _constant(node.input_value(2))
+        axis, lengths = constant_data(node.input_value(1)), constant_data(node.input_value(2))
         shape = node.get_input_partial_shape(0)
         if axis is None or lengths is None or shape.rank.is_dynamic or int(axis.reshape(-1)[0]) != 0:
             continue
@@ -152,7 +163,8 @@ def _frozen_splits(model: ov.Model) -> list[Finding]:
         never = f"; experts {idle} got no rows at trace time and never run" if idle else ""
         found.append(Finding(node, f"the rows routed to each expert are split with constant sizes {sizes} "
                              f"(the example input's {sum(sizes)} routed rows), not the router's counts: the "
-                             f"model runs only on inputs routed exactly like the example{never}", FROZEN))
+                             f"model runs only on inputs routed exactly like the example{never}", FROZEN_CAUSE,
+                             FROZEN))
     return found
 
 
@@ -182,14 +194,13 @@ def attribute(found: list[Finding], routers: dict[str, ov.Node | None]) -> dict[
 def summary(found: list[Finding]) -> str:
     """One line per distinct problem, e.g. for `check`."""
     problems = {f.problem.split(":")[0] for f in found}
-    return f"broken export ({len(found)} MoE block(s)): " + "; ".join(sorted(problems)) + "; " + found[0].fix
+    return (f"broken export ({len(found)} MoE block(s)): " + "; ".join(sorted(problems))
+            + f"; likely cause: {found[0].cause}; {found[0].fix}")
 
 
 def mark(model: ov.Model, rows: list) -> list:
     """Name broken exports in the report: each skipped row (`BlockReport`) a finding is attributed to gets
     the reason "broken export: ..." and `broken_export` set; returns new rows for findings no row claims."""
-    from moe_fusion.report import BlockReport
-
     found = findings(model)
     if not found:
         return []
@@ -203,7 +214,7 @@ def mark(model: ov.Model, rows: list) -> list:
             row = BlockReport(key, "-", "skipped", router_node="")
             extra.append(row)
         problems = list(dict.fromkeys(f.problem for f in mine))
-        row.broken_export = "; ".join(problems) + "; " + mine[0].fix
+        row.broken_export = "; ".join(problems) + f"; likely cause: {mine[0].cause}; {mine[0].fix}"
         row.reason = "broken export: " + row.broken_export
         row.stopped_at = f"{mine[0].node.get_type_name()} '{mine[0].node.get_friendly_name()}'"
     return extra

@@ -19,8 +19,8 @@ import openvino as ov
 import openvino.opset14 as ops
 
 from moe_fusion import scratch
+from moe_fusion.graph import DECOMPRESSION
 
-DECOMPRESSION = ("Convert", "Subtract", "Multiply", "Reshape", "Unsqueeze", "Squeeze")
 _PACKED = {ov.Type.u4, ov.Type.i4, ov.Type.u2, ov.Type.u1, ov.Type.nf4, ov.Type.f4e2m1}
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import os
 import shutil
@@ -15,19 +16,15 @@ from pathlib import Path
 import openvino as ov
 from openvino.frontend import FrontEndManager
 
-from moe_fusion.op import register
+from moe_fusion import host
+from moe_fusion.host import NoSpaceError, gigabytes
+from moe_fusion.runtime import core
 
 MODEL_FILE = "openvino_model.xml"
 
 
 class InputError(ValueError):
     """A path that is not a readable model, or an output that must not be written."""
-
-
-@functools.cache
-def core() -> ov.Core:
-    """A process-wide `ov.Core` that knows FusedExperts. For your own core: `moe_fusion.register(core)`."""
-    return register(ov.Core())
 
 
 def read_model(path: str | Path) -> ov.Model:
@@ -104,6 +101,56 @@ def check_output(source: str | Path, target: str | Path, *, force: bool = False,
         raise InputError(f"{existing}: output folder is not writable")
 
 
+def model_bytes(source: str | Path) -> tuple[int, int]:
+    """(bytes of the model's weights file, bytes an output copy of SOURCE takes): for a folder, every file
+    in it; for an IR its .xml and .bin; for ONNX the file and any external data beside it."""
+    source = Path(source)
+    path = model_file(source)
+    weights = path.with_suffix(".bin") if path.suffix == ".xml" else path
+    if source.is_dir():
+        files = [f for f in source.rglob("*") if f.is_file()]
+    elif path.suffix == ".xml":
+        files = [path, weights]
+    else:
+        files = [f for f in path.parent.iterdir() if f.is_file() and (f == path or f.suffix in ("", ".data"))]
+    return weights.stat().st_size, sum(f.stat().st_size for f in files)
+
+
+def check_space(source: str | Path, target: str | Path, *, scratch: bool = True) -> None:
+    """Refuse, before any work, when the disks lack room for the output beside TARGET (its size: it is
+    written before an old one goes) and, with `scratch`, the stacked expert weights in TMPDIR (at most the
+    input's weights); summed when the two share a disk. Raises NoSpaceError: what is needed, what is free."""
+    weights, output = model_bytes(source)
+    place, tmp = Path(target).absolute().parent, Path(tempfile.gettempdir())
+    stacked = f"up to {gigabytes(weights)} of stacked expert weights in TMPDIR ({tmp})"
+    if scratch and host.same_disk(place, tmp):
+        needed, free = output + weights, host.disk_free(place)
+        if needed > free:
+            raise NoSpaceError(f"not enough disk space: fusing needs about {gigabytes(needed)} on the disk of {place} "
+                               f"({stacked} + {gigabytes(output)} of output), {gigabytes(free)} are free; free "
+                               "space or set TMPDIR to another disk")
+        return
+    free = host.disk_free(place)
+    if output > free:
+        raise NoSpaceError(f"not enough disk space: the output needs about {gigabytes(output)} in {place}, "
+                           f"{gigabytes(free)} are free")
+    free = host.disk_free(tmp)
+    if scratch and weights > free:
+        raise NoSpaceError(f"not enough disk space: fusing needs {stacked}, {gigabytes(free)} are free there; "
+                           "set TMPDIR to a disk with room")
+
+
+def no_space(error: BaseException, place: str | Path) -> bool:
+    """Whether a failed write failed for a full disk: ENOSPC, or OpenVINO's bare "iostream error" (how
+    ov.save_model reports it) with under 1% or 256 MB left where it wrote."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if "iostream error" not in str(error):
+        return False
+    total = shutil.disk_usage(Path(place)).total
+    return host.disk_free(place) < max(256 << 20, total // 100)
+
+
 @contextlib.contextmanager
 def _signals_deferred() -> Iterator[None]:
     """Ctrl-C and SIGTERM wait until the block is done (renames that must happen together), then act."""
@@ -153,6 +200,9 @@ def save(model: ov.Model, source: str | Path, target: str | Path) -> Path:
                 ov.save_model(model, xml, compress_to_fp16=False)
                 moves = [(xml.with_suffix(".bin"), target.with_suffix(".bin")), (xml, target.with_suffix(".xml"))]
         except (OSError, RuntimeError) as error:
+            if no_space(error, staging):
+                raise NoSpaceError(f"{target}: cannot write the output: no space left on device "
+                                   f"({gigabytes(host.disk_free(staging))} free there)") from None
             raise InputError(f"{target}: cannot write the output: {first_line(error)}") from None
         with _signals_deferred():
             old = staging / "old"

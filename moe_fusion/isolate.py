@@ -22,6 +22,8 @@ import sys
 import tempfile
 from multiprocessing.connection import Connection
 
+from moe_fusion.io import first_line
+
 
 class WorkerError(RuntimeError):
     """The function raised in the worker; the message is its one useful line."""
@@ -34,9 +36,6 @@ class WorkerCrash(RuntimeError):
     def __init__(self, message: str, signal_name: str) -> None:
         super().__init__(message)
         self.signal = signal_name
-
-
-IsolatedError = WorkerCrash
 
 
 def _describe(code: int | None) -> str:
@@ -136,8 +135,6 @@ def run_isolated(fn, *args):
 
 def _sendable(error: Exception) -> Exception:
     """The exception itself when it survives pickling, else its one useful line as a WorkerError."""
-    from moe_fusion.io import first_line
-
     try:
         pickle.loads(pickle.dumps(error))
         return error

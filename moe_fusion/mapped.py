@@ -21,7 +21,7 @@ import openvino as ov
 import openvino.opset14 as ops
 
 # Constants at least this large become mapped Parameters; smaller ones travel inside the cut-out IR.
-MAPPED_BYTES = 1 << 18
+MAPPED_MIN_BYTES = 1 << 18
 WEIGHT_PREFIX = "moe_fusion_weight_"
 
 
@@ -101,7 +101,7 @@ def parameterize(model: ov.Model, locator: Locator) -> list[FileBytes]:
     and return where each one's bytes are, in Parameter order."""
     found = []
     for node in model.get_ordered_ops():
-        if node.get_type_name() != "Constant" or node.get_byte_size() < MAPPED_BYTES:
+        if node.get_type_name() != "Constant" or node.get_byte_size() < MAPPED_MIN_BYTES:
             continue
         param = ops.parameter(node.get_output_partial_shape(0), node.get_element_type())
         param.set_friendly_name(f"{WEIGHT_PREFIX}{len(found)}")

@@ -16,6 +16,11 @@ from openvino.passes import AnyInput, Matcher, Or, WrapType
 
 from moe_fusion.compressed import Compressed, is_plain, is_weight
 
+# `same` and `strip` are part of the pattern API families are written in; they live in moe_fusion.graph
+from moe_fusion.graph import LAYOUT
+from moe_fusion.graph import same as same
+from moe_fusion.graph import strip as strip
+
 Pattern = ov.Node
 _NAME_PREFIX = "moe_fusion:"
 
@@ -70,7 +75,7 @@ def either(*alternatives: Pattern, name: str | None = None) -> Pattern:
     return _named(Or(list(alternatives)), name)
 
 
-RESHAPES = ("Reshape", "Squeeze", "Unsqueeze", "Convert", "Broadcast")
+RESHAPES = LAYOUT  # the layout-only ops `reshaped` and `strip` look through
 
 
 def reshaped(x: Pattern, times: int = 5) -> Pattern:
@@ -138,18 +143,6 @@ def swiglu_mlp(x: Pattern) -> Pattern:
 
 
 # ---- reading matched values -------------------------------------------------------------------------
-
-
-def same(a: ov.Output, b: ov.Output) -> bool:
-    """The same graph value (node and output port)."""
-    return a.get_node().get_instance_id() == b.get_node().get_instance_id() and a.get_index() == b.get_index()
-
-
-def strip(value: ov.Output) -> ov.Output:
-    """The value before any chain of layout-only ops (Reshape/Squeeze/Unsqueeze/Convert/Broadcast)."""
-    while value.get_node().get_type_name() in RESHAPES:
-        value = value.get_node().input_value(0)
-    return value
 
 
 def unsliced(value: ov.Output, like: ov.Output) -> ov.Output:

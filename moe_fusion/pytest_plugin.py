@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:  # openvino is imported only when a test uses the fixture or marker
-    from moe_fusion.check import CheckReport
+    from moe_fusion.checking import CheckReport
 
 
 def _assert_equivalent(*args: Any, **kwargs: Any) -> CheckReport:

@@ -24,13 +24,13 @@ EXPERT_TYPES = (GEMM3_SWIGLU, GEMM2_BIAS_SWIGLU_CLAMP)
 
 # Below this many weight elements to read (selected experts x elements per expert) one thread does it all:
 # tests and small layers skip the pool's overhead.
-_PARALLEL_ELEMENTS = 1 << 22
+PARALLEL_ELEMENTS = 1 << 22
 # f16 converts through OpenVINO in chunks of this many elements (fewer: numpy is faster than making a
 # Constant, ~10 us; many more: each chunk's fresh pages fault).
 _OV_CONVERT_ELEMENTS = 1 << 16
 # The CPUs this process may use, read at import: inside `evaluate` the CPU plugin has pinned the calling
 # thread to one core, and threads started there would inherit that pin.
-_CPUS = frozenset(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else frozenset()
+CPUS = frozenset(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else frozenset()
 
 
 class ExpertWeights:
@@ -183,12 +183,12 @@ def fused_experts(
 
     selected = np.flatnonzero(counts).tolist()
     per_expert = sum(int(np.prod(w.shape[1:])) for w in weights)
-    workers = min(len(selected), threads or len(_CPUS) or 1)
+    workers = min(len(selected), threads or len(CPUS) or 1)
     # BLAS on one thread, always: parallelism comes from running experts side by side. Inside `evaluate` the
     # CPU plugin has pinned the caller to one core, and BLAS threads started from there share it (~20x
     # slower, docs/fused_experts.md); results do not depend on the thread count either.
     with _blas_single_threaded():
-        if workers > 1 and (threads or per_expert * len(selected) >= _PARALLEL_ELEMENTS):
+        if workers > 1 and (threads or per_expert * len(selected) >= PARALLEL_ELEMENTS):
             list(_pool(workers).map(run, selected))
         else:
             for e in selected:
@@ -223,7 +223,7 @@ def _blas_single_threaded() -> Iterator[None]:
 # Sets of f32 buffers (one per weight input) that f16 experts are widened into, each lent to one running
 # expert at a time: as many sets as experts ever ran at once. Kept between calls up to _KEEP_BYTES (the
 # Qwen3-30B-A3B layer: 19 MB per set), as fresh pages per call cost more than the widening (page faults).
-_spare_buffers: list[dict] = []
+spare_buffers: list[dict] = []
 _spare_lock = threading.Lock()
 _KEEP_BYTES = 1 << 28
 
@@ -231,18 +231,18 @@ _KEEP_BYTES = 1 << 28
 @contextlib.contextmanager
 def _widening_buffers() -> Iterator[dict]:
     with _spare_lock:
-        buffers = _spare_buffers.pop() if _spare_buffers else {}
+        buffers = spare_buffers.pop() if spare_buffers else {}
     try:
         yield buffers
     finally:
         with _spare_lock:
-            _spare_buffers.append(buffers)
+            spare_buffers.append(buffers)
 
 
 def _trim_widening_buffers() -> None:
     with _spare_lock:
-        if sum(b.nbytes for buffers in _spare_buffers for b in buffers.values()) > _KEEP_BYTES:
-            _spare_buffers.clear()
+        if sum(b.nbytes for buffers in spare_buffers for b in buffers.values()) > _KEEP_BYTES:
+            spare_buffers.clear()
 
 
 def _buffer(buffers: dict, slot: int, weight) -> np.ndarray | None:
@@ -266,19 +266,19 @@ def _pool(workers: int) -> ThreadPoolExecutor:
     """A pool kept for the process (a forked child makes its own: the parent's threads are not there)."""
     key = (workers, os.getpid())
     if key not in _pools:
-        _pools[key] = _new_pool(workers)
+        _pools[key] = new_pool(workers)
     return _pools[key]
 
 
 _pools: dict[tuple[int, int], ThreadPoolExecutor] = {}
 
 
-def _new_pool(workers: int) -> ThreadPoolExecutor:
+def new_pool(workers: int) -> ThreadPoolExecutor:
     """Its threads may run on every CPU the process may use, wherever the pool is made (inside `evaluate`
     the caller is pinned to one core, and threads inherit their maker's pin)."""
     return ThreadPoolExecutor(workers, thread_name_prefix="fused-experts", initializer=_unpin)
 
 
 def _unpin() -> None:
-    if _CPUS:
-        os.sched_setaffinity(0, _CPUS)  # pid 0: this thread only
+    if CPUS:
+        os.sched_setaffinity(0, CPUS)  # pid 0: this thread only

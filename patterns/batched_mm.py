@@ -30,6 +30,7 @@ from moe_fusion.block import Decline, MoEBlock, Weight, blocks_or_declines
 from moe_fusion.compressed import is_plain
 from moe_fusion.pattern import any_input, const, either, matches, op, reshaped, same, strip, swish, swish_beta, weight
 from moe_fusion.reference import GEMM2_BIAS_SWIGLU_CLAMP
+from moe_fusion.trace import Walk, consumers, indices_port, is_swish, producers
 
 FAMILY = "batched_mm"
 
@@ -298,7 +299,6 @@ def explain(model, router) -> object:
     clamped, the stacked gate_up weights gathered by them, the batched MatMul on the gathered tokens, the split
     (GEMM3) or biased interleaved lanes (GEMM2), activation, down projection on gathered weights, routing weight
     and the sum over the K slots."""
-    from moe_fusion.explain import Walk, consumers, indices_port, is_swish, producers
 
     def reads_tokens(gather) -> bool:  # the gate_up Gather: its MatMul's other operand is the gathered tokens
         return any(p.get_type_name() == "Gather" and p != gather

@@ -39,6 +39,7 @@ from moe_fusion.pattern import (
     weight,
 )
 from moe_fusion.reference import GEMM2_BIAS_SWIGLU_CLAMP
+from moe_fusion.trace import Walk, indices_port, is_constant, is_swish
 
 FAMILY = "gptoss"
 
@@ -254,7 +255,6 @@ def explain(model: ov.Model, router: ov.Node) -> object:
     """How far this pattern gets from `router` (for `moe-fusion inspect --explain`): dense routing, the sum
     over experts, then up: down (+ bias), (up + 1) * glu, the up lane's Clamp and Slice, the gate lane's
     Swish, Minimum and Slice, the fused gate_up (+ bias) and the Tile it reads."""
-    from moe_fusion.explain import Walk, indices_port, is_constant, is_swish
 
     walk = Walk(FAMILY, router)
     walk.down("ScatterElementsUpdate", "dense [T, E] routing scattered at the indices", port=indices_port(router))

@@ -35,6 +35,7 @@ from moe_fusion.pattern import (
     unsliced,
     weight,
 )
+from moe_fusion.trace import Walk, indices_port, is_swish
 
 FAMILY = "llama4"
 
@@ -138,7 +139,6 @@ def explain(model, router) -> object:
     """How far this pattern gets from `router` (for `moe-fusion inspect --explain`): top-k scores scattered
     at the indices, sigmoid, transposed, scaling the tiled hidden states, gate_up, chunk, Swish, times up,
     down, summed over experts."""
-    from moe_fusion.explain import Walk, indices_port, is_swish
 
     walk = Walk(FAMILY, router)
     walk.down("ScatterElementsUpdate", "top-k scores scattered at the indices", port=indices_port(router))

@@ -37,6 +37,7 @@ from moe_fusion.pattern import (
     swiglu_mlp,
     swish_beta,
 )
+from moe_fusion.trace import Trace, Walk, constant, consumers, indices_port, is_constant, is_swish
 
 FAMILY = "per_expert_loop"
 
@@ -185,7 +186,6 @@ def explain(model, router) -> object:
     OneHot of its indices -> the mask's row e -> NonZero -> top_x -> the tokens gathered and the index_add_
     at top_x; then up from the index_add_ through routing weight, down, activation, gate to those tokens.
     The trace of the first slot that does not match, or of the last one when all do."""
-    from moe_fusion.explain import Trace, Walk, constant, consumers, indices_port, is_constant, is_swish
 
     def feeds_matmul(node) -> bool:
         return any(c.get_type_name() == "MatMul" for c in consumers(node))

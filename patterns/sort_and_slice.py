@@ -22,6 +22,7 @@ import numpy as np
 
 from moe_fusion.block import Decline, MoEBlock, Weight, blocks_or_declines
 from moe_fusion.compressed import Compressed
+from moe_fusion.graph import constant_data
 from moe_fusion.pattern import (
     any_input,
     const,
@@ -35,6 +36,7 @@ from moe_fusion.pattern import (
     swish_beta,
     weight,
 )
+from moe_fusion.trace import Walk, indices_port
 
 FAMILY = "sort_and_slice"
 
@@ -81,8 +83,8 @@ def find(model):
 
 
 def _constant(value) -> np.ndarray | None:
-    node = strip(value).get_node()
-    return np.asarray(node.get_data()).reshape(-1) if node.get_type_name() == "Constant" else None
+    data = constant_data(value)
+    return None if data is None else data.reshape(-1)
 
 
 def _same_value(a, b) -> bool:
@@ -228,7 +230,6 @@ def explain(model, router) -> object:
     """How far this pattern gets from `router` (for `moe-fusion inspect --explain`), along expert 0's run:
     ascending sort of the indices, order // K, the rows gathered, the run sliced, input_linear, Concat,
     chunk, Swish, times up, the run of the activation, output_linear, Concat, times routing, index_add_."""
-    from moe_fusion.explain import Walk, indices_port
 
     walk = Walk(FAMILY, router)
     walk.down("TopK", "ascending sort of the selected experts", port=indices_port(router),

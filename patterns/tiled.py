@@ -18,6 +18,7 @@ import openvino as ov
 
 from moe_fusion.block import Decline, MoEBlock, Weight, blocks_or_declines
 from moe_fusion.pattern import any_input, const, matches, op, read_linear, reshaped, strip, swiglu_mlp, swish_beta
+from moe_fusion.trace import Walk, indices_port, is_swish
 
 FAMILY = "tiled"
 
@@ -108,7 +109,6 @@ def explain(model, router) -> object:
     """How far this pattern gets from `router` (for `moe-fusion inspect --explain`): the dense routing
     scattered at its indices, transposed, times the experts' outputs, summed; then up into the stacked
     SwiGLU experts and the Tile they read."""
-    from moe_fusion.explain import Walk, indices_port, is_swish
 
     walk = Walk(FAMILY, router)
     walk.down("ScatterElementsUpdate", "dense [T, E] routing scattered at the indices", port=indices_port(router))

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 import moe_fusion
-from moe_fusion.check import F32  # accuracy is compared in f32, without dynamic activation quantisation
+from moe_fusion.runtime import F32  # accuracy is compared in f32, without dynamic activation quantisation
 
 
 def compile_f32(model):

@@ -22,9 +22,10 @@ from test_gptoss import GPTOSS
 from test_onnx import FUSES as ONNX_FUSES
 
 import moe_fusion
-from moe_fusion.check import DEFAULT_TOLERANCES, check, is_stateful, vocab_size, weight_type
+from moe_fusion.checking import DEFAULT_TOLERANCES, check
 from moe_fusion.cli import main
-from moe_fusion.fuse import fuse
+from moe_fusion.facts import is_stateful, vocab_size, weight_type
+from moe_fusion.fusing import fuse
 from moe_fusion.io import InputError, load, save
 from moe_fusion.testing import assert_equivalent
 

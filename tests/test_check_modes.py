@@ -18,13 +18,14 @@ from click.testing import CliRunner
 from test_faults import inject, scale_routing, swap_experts, zero_expert
 
 import moe_fusion
-from moe_fusion.check import check
+from moe_fusion import host
+from moe_fusion.checking import check
+from moe_fusion.checking.segments import Segments, anchors
 from moe_fusion.cli import main
-from moe_fusion.fuse import fuse
+from moe_fusion.fusing import fuse
 from moe_fusion.io import InputError, load, save
-from moe_fusion.isolate import IsolatedError, run_isolated
+from moe_fusion.isolate import WorkerCrash, run_isolated
 from moe_fusion.lower import PER_EXPERT, lower
-from moe_fusion.segments import Cut, anchors
 
 FIXTURES = Path(__file__).resolve().parent.parent / "models" / "fixtures"
 FAST = {"tokens": (1, 16), "steps": 1}
@@ -83,7 +84,7 @@ def test_layers_compile_one_moe_layer_at_a_time():
     assert len(names) == 2
     expert_weights = {}
     for label, model in (("original", original), ("fused", fused)):
-        cut = Cut(model, names)
+        cut = Segments(model, names)
         assert cut.count == 3
         per_segment = []
         for segment in cut:
@@ -145,7 +146,7 @@ def test_run_isolated_returns_raises_and_survives_a_crash():
     assert run_isolated(_answer, 7).tolist() == [7, 7, 7]
     with pytest.raises(InputError, match="bad model"):
         run_isolated(_fails, "bad model")
-    with pytest.raises(IsolatedError, match="killed by SIGABRT") as caught:
+    with pytest.raises(WorkerCrash, match="killed by SIGABRT") as caught:
         run_isolated(os.abort)  # a native abort in the child, as a crashing runtime does
     assert caught.value.signal == "SIGABRT"
     assert moe_fusion.check is check
@@ -178,7 +179,7 @@ def test_layers_refuses_to_run_fused_experts_as_is():
 
 def test_whole_mode_that_would_not_fit_points_to_layers(monkeypatch):
     original, fused = pair("gen1-mixtral")
-    monkeypatch.setattr(sys.modules["moe_fusion.check"], "available_memory", lambda: 1000)
+    monkeypatch.setattr(host, "available_memory", lambda: 1000)  # the host fact every memory check reads
     with pytest.raises(InputError, match=r"needs about .* GB of memory, 0.0 GB are available: use --mode layers"):
         check(original, fused, **FAST)
     assert check(original, fused, mode="layers", **FAST).equivalent  # layers needs no such room

@@ -7,7 +7,7 @@ int8 down weights, as real models do for such layers.
 
 Tolerance end to end: 1e-4 of the logits' scale, as for f32 fixtures. Both sides dequantise the same
 constants through the same ops and run f32 with the CPU plugin's dynamic activation quantisation off
-(`moe_fusion.check.F32`); measured differences are ~1e-7 of the scale.
+(`moe_fusion.runtime.F32`); measured differences are ~1e-7 of the scale.
 """
 
 from pathlib import Path
@@ -21,8 +21,9 @@ from llm import F32, generate_logits
 import moe_fusion
 from moe_fusion import catalogue
 from moe_fusion.block import WEIGHT_NAMES
+from moe_fusion.candidates import candidates
 from moe_fusion.compressed import Compressed
-from moe_fusion.fuse import candidates, fuse
+from moe_fusion.fusing import fuse
 from moe_fusion.io import save
 from moe_fusion.rewrite import build
 

@@ -15,9 +15,9 @@ from test_direct import BROKEN  # broken-export fixtures: nothing to fuse, nothi
 
 import moe_fusion
 from moe_fusion import catalogue
+from moe_fusion.candidates import candidates
 from moe_fusion.cli import main
 from moe_fusion.explain import Trace, Walk, explain, family_trace
-from moe_fusion.fuse import candidates
 
 FIXTURES = Path(__file__).resolve().parent.parent / "models" / "fixtures"
 FAMILIES = ("per_expert_loop", "tiled", "gptoss", "sort_and_slice", "llama4")

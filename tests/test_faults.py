@@ -26,12 +26,13 @@ import moe_fusion
 from models.synthetic import Router, random_experts, unfused_model
 from moe_fusion import catalogue
 from moe_fusion.block import MoEBlock, Weight
-from moe_fusion.check import check
+from moe_fusion.candidates import candidates
+from moe_fusion.checking import check
 from moe_fusion.cli import main
-from moe_fusion.fuse import candidates, fuse
+from moe_fusion.fusing import fuse
 from moe_fusion.io import InputError, save
 from moe_fusion.op import FusedExperts, FusedExpertsError
-from moe_fusion.prove import prove
+from moe_fusion.proof import prove
 from moe_fusion.rewrite import build
 
 FIXTURES = Path(__file__).resolve().parent.parent / "models" / "fixtures"

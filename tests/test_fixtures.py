@@ -14,7 +14,7 @@ import pytest
 from llm import F32, generate_logits
 
 import moe_fusion
-from moe_fusion.fuse import fuse
+from moe_fusion.fusing import fuse
 from moe_fusion.io import save
 
 FIXTURES = Path(__file__).resolve().parent.parent / "models" / "fixtures"

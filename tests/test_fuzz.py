@@ -16,8 +16,7 @@ import pytest
 
 import moe_fusion
 from models.mutants import OPERATORS, fixture_path, judge, judge_many, mutant, mutants, mutate
-
-fuse = moe_fusion.fuse
+from moe_fusion import fuse
 
 SEED = 1
 # One fixture per graph form: per-expert loop (IR, ONNX, convert_model, int8), tiled (gen1 and gen2), GPT-OSS,

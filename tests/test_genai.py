@@ -20,10 +20,10 @@ import openvino as ov
 import openvino_genai
 import pytest
 
-from moe_fusion.check import F32  # f32, dynamic activation quantisation off (as check compares)
-from moe_fusion.fuse import fuse
+from moe_fusion.fusing import fuse
 from moe_fusion.io import load, save
 from moe_fusion.lower import AUTO, PER_EXPERT, TILED, CpuFacts, lower
+from moe_fusion.runtime import F32  # f32, dynamic activation quantisation off (as check compares)
 
 FIXTURES = Path(__file__).resolve().parent.parent / "models" / "fixtures"
 FAMILIES = {  # one fixture per family (and the compressed path)

@@ -21,7 +21,7 @@ from test_fixtures import PLUMBING
 import moe_fusion
 from models.synthetic import LogitsRouter, random_experts, tiled_gptoss_model
 from moe_fusion import GEMM2_BIAS_SWIGLU_CLAMP
-from moe_fusion.fuse import fuse
+from moe_fusion.fusing import fuse
 from moe_fusion.reference import fused_experts
 
 FIXTURES = Path(__file__).resolve().parent.parent / "models" / "fixtures"

@@ -25,9 +25,10 @@ from click.testing import CliRunner
 
 import moe_fusion
 from moe_fusion import catalogue, io
+from moe_fusion.candidates import candidates
 from moe_fusion.cli import main
-from moe_fusion.fuse import candidates, fuse
-from moe_fusion.prove import prove
+from moe_fusion.fusing import fuse
+from moe_fusion.proof import prove
 from moe_fusion.rewrite import build
 
 FIXTURES = Path(__file__).resolve().parent.parent / "models" / "fixtures"

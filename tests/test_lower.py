@@ -26,9 +26,9 @@ import moe_fusion
 from models.bench_models import SHAPES, fused_layer, layer_weights
 from models.synthetic import Router, fused_model, random_experts
 from moe_fusion import GEMM2_BIAS_SWIGLU_CLAMP, GEMM3_SWIGLU
-from moe_fusion.check import check
+from moe_fusion.checking import check
 from moe_fusion.cli import main
-from moe_fusion.fuse import fuse
+from moe_fusion.fusing import fuse
 from moe_fusion.io import load, save
 from moe_fusion.lower import (
     AUTO,

@@ -9,7 +9,8 @@ import pytest
 
 import moe_fusion
 from moe_fusion import catalogue
-from moe_fusion.fuse import candidates, fuse
+from moe_fusion.candidates import candidates
+from moe_fusion.fusing import fuse
 
 FIXTURE = Path(__file__).resolve().parent.parent / "models" / "fixtures" / "gen1-mixtral" / "openvino_model.xml"
 LAYER0 = "__module.model.layers.0.block_sparse_moe"

@@ -17,11 +17,11 @@ from conftest import compile_f32
 
 import moe_fusion
 from moe_fusion import catalogue
-from moe_fusion.check import token_shape
+from moe_fusion.candidates import candidates
 from moe_fusion.compare import compare
-from moe_fusion.fuse import candidates
+from moe_fusion.inputs import token_shape
 from moe_fusion.lower import lower
-from moe_fusion.prove import cut, prove
+from moe_fusion.proof import cut, prove
 from moe_fusion.rewrite import build
 
 FIXTURES = Path(__file__).resolve().parent.parent / "models" / "fixtures"

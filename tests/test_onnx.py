@@ -20,10 +20,10 @@ import pytest
 from click.testing import CliRunner
 
 import moe_fusion
-from moe_fusion.check import F32
 from moe_fusion.cli import main
-from moe_fusion.fuse import fuse
+from moe_fusion.fusing import fuse
 from moe_fusion.io import load
+from moe_fusion.runtime import F32
 
 FIXTURES = Path(__file__).resolve().parent.parent / "models" / "fixtures"
 PLUMBING = ("OneHot", "NonZero", "ScatterElementsUpdate", "ScatterNDUpdate")

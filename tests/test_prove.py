@@ -15,8 +15,8 @@ from test_faults import array, faulty, like, synthetic_block, zero_expert
 import moe_fusion
 from models.synthetic import random_experts
 from moe_fusion import catalogue
-from moe_fusion.fuse import candidates
-from moe_fusion.prove import prove
+from moe_fusion.candidates import candidates
+from moe_fusion.proof import prove
 from moe_fusion.rewrite import build
 
 FIXTURES = Path(__file__).resolve().parent.parent / "models" / "fixtures"
@@ -113,10 +113,10 @@ def crash(*_args):
 def test_a_native_crash_while_proving_declines_the_block_and_fusing_goes_on(monkeypatch):
     """Whatever the proof runs in OpenVINO runs in a worker process: a SIGSEGV there declines the block with
     the reason, the other blocks are still proven, and the process that fuses lives on."""
-    from moe_fusion import prove as prove_module
+    from moe_fusion.proof import protocol
 
     model = moe_fusion.read_model(FIXTURES / "gen1-mixtral" / "openvino_model.xml")
-    monkeypatch.setattr(prove_module, "run_side", crash)
+    monkeypatch.setattr(protocol, "run_cut", crash)  # what protocol sends its workers
     report = moe_fusion.fuse(model)
     assert [b.status for b in report.blocks] == ["skipped", "skipped"]
     assert all("OpenVINO crashed running the block on CPU" in b.reason and "SIGSEGV" in b.reason for b in report.blocks)
@@ -132,8 +132,8 @@ def mapped_weights(monkeypatch):
     Locators, to see where the bytes came from."""
     from moe_fusion import mapped, scratch
 
-    monkeypatch.setattr(mapped, "MAPPED_BYTES", 1024)
-    monkeypatch.setattr(scratch, "MAPPED_BYTES", 1024)
+    monkeypatch.setattr(mapped, "MAPPED_MIN_BYTES", 1024)
+    monkeypatch.setattr(scratch, "SCRATCH_FILE_MIN_BYTES", 1024)
     locators = []
 
     class Recording(mapped.Locator):
@@ -178,15 +178,16 @@ def test_weights_in_anonymous_memory_are_written_once_for_the_worker(mapped_weig
 def test_a_block_holding_memory_per_token_is_proven_in_pieces_that_fit(monkeypatch):
     """A direct-conversion block gathers its K experts' weights for every token (151 MB per token at
     Qwen3-30B-A3B's shape): its batch runs in pieces sized from the memory available, with the same cases."""
-    from moe_fusion import prove as prove_module
+    from moe_fusion import host
+    from moe_fusion.proof.cases import design, plan_runs
 
     _model, block = first_block("direct-mixtral")
     assert block.bytes_per_token > 0
-    monkeypatch.setattr(prove_module, "available_memory", lambda: int(10 * block.bytes_per_token / 0.2) + 1)
-    pieces = []
-    real = prove_module._batches
-    monkeypatch.setattr(prove_module, "_batches", lambda b, cases: pieces.extend(real(b, cases)) or pieces)
+    monkeypatch.setattr(host, "available_memory", lambda: int(10 * block.bytes_per_token / 0.2) + 1)
+    cases, _clamp = design(block, np.random.default_rng(0), block.hidden_size, forced=True)
+    runs = plan_runs(block, cases)
+    assert len(runs) > 10 and max(sum(len(c.rows) for c in run) for run in runs[1:]) == 10
+    assert sorted({c.name for run in runs for c in run}) == sorted(c.name for c in cases)  # every case, in pieces
     proof = prove(block, *build(block))
     assert proof.ok and proof.experts_covered == block.num_experts, proof.reason
-    assert len(pieces) > 10 and max(sum(len(c.rows) for c in piece) for piece in pieces[1:]) == 10
     assert proof.cases[:3] == ["1 token", "3 tokens: zero row, duplicated row", "80 tokens steered to every expert"]

@@ -114,16 +114,16 @@ def test_widen_keeps_f32_and_converts_f16_exactly():
         np.testing.assert_array_equal(again, slice_.astype(np.float32))
 
 
-@pytest.mark.skipif(len(reference._CPUS) < 2, reason="needs 2 CPUs to see a pin")
+@pytest.mark.skipif(len(reference.CPUS) < 2, reason="needs 2 CPUs to see a pin")
 def test_pool_threads_run_on_every_cpu_even_when_made_from_a_pinned_thread():
     """Inside evaluate the CPU plugin pins the calling thread to one core; the kernel's worker threads
     must not inherit that pin (two workers on one core run the layer ~20x slower)."""
-    pinned = {min(reference._CPUS)}
+    pinned = {min(reference.CPUS)}
     results = {}
 
     def make_pool_pinned():
         os.sched_setaffinity(0, pinned)
-        pool = reference._new_pool(2)  # a fresh pool, made from the pinned thread
+        pool = reference.new_pool(2)  # a fresh pool, made from the pinned thread
         results["workers"] = {frozenset(a) for a in pool.map(lambda _: os.sched_getaffinity(0), range(8))}
         pool.shutdown()
 
@@ -132,7 +132,7 @@ def test_pool_threads_run_on_every_cpu_even_when_made_from_a_pinned_thread():
     thread = threading.Thread(target=make_pool_pinned)
     thread.start()
     thread.join()
-    assert results["workers"] == {reference._CPUS}
+    assert results["workers"] == {reference.CPUS}
 
 
 def test_evaluate_on_the_thread_pool_equals_a_direct_call(rng):
@@ -140,7 +140,7 @@ def test_evaluate_on_the_thread_pool_equals_a_direct_call(rng):
     weights as the plugin hands them) and directly: identical."""
     experts = random_experts(8, 512, 512, GEMM3_SWIGLU, dtype=np.float16, seed=9)
     per_expert = 3 * 512 * 512
-    assert 8 * per_expert >= reference._PARALLEL_ELEMENTS  # the pool path
+    assert 8 * per_expert >= reference.PARALLEL_ELEMENTS  # the pool path
     compiled = compile_f32(fused_model(experts, top_k=2))
     x = rng.standard_normal((64, 512)).astype(np.float32)
     idx = np.argsort(rng.random((64, 8)), axis=1)[:, :2]
@@ -180,12 +180,12 @@ def test_widening_buffers_kept_between_calls_up_to_a_cap(rng, monkeypatch):
     x, rw, idx, weights, attrs = case(GEMM3_SWIGLU, rng)
     half = [w.astype(np.float16) for w in weights]
     want = fused_experts(x, rw, idx, [w.astype(np.float32) for w in half], *attrs)
-    monkeypatch.setattr(reference, "_spare_buffers", [])
+    monkeypatch.setattr(reference, "spare_buffers", [])
     np.testing.assert_array_equal(fused_experts(x, rw, idx, half, *attrs, threads=1), want)
-    (kept,) = reference._spare_buffers
+    (kept,) = reference.spare_buffers
     assert sorted(b.shape for b in kept.values()) == sorted([(H, I), (H, I), (I, H)])
     np.testing.assert_array_equal(fused_experts(x, rw, idx, half, *attrs, threads=1), want)
-    assert reference._spare_buffers == [kept]  # the same set, reused
+    assert reference.spare_buffers == [kept]  # the same set, reused
     monkeypatch.setattr(reference, "_KEEP_BYTES", 100)
     np.testing.assert_array_equal(fused_experts(x, rw, idx, half, *attrs, threads=1), want)
-    assert reference._spare_buffers == []
+    assert reference.spare_buffers == []

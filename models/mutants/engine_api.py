@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import moe_fusion
 from moe_fusion import catalogue
+from moe_fusion.candidates import candidates
 from moe_fusion.compare import compare
 from moe_fusion.compressed import DECOMPRESSION, is_weight
-from moe_fusion.fuse import candidates
 from moe_fusion.io import InputError, first_line
 from moe_fusion.isolate import Worker, WorkerCrash
 from moe_fusion.pattern import strip
@@ -35,7 +35,7 @@ def broken_findings(model) -> str:
 
 def reference_sides(model, block_name: str, same_block):
     """The block of `model` named like `block_name` cut out as (original, fused) sub-models, or None."""
-    from moe_fusion.prove import cut
+    from moe_fusion.proof import cut
     from moe_fusion.rewrite import build
 
     block = next((b for b in find_blocks(model) if same_block(b.name, block_name)), None)
@@ -50,13 +50,13 @@ def reference_sides(model, block_name: str, same_block):
 
 
 def token_shape(partial, tokens: int) -> list[int]:
-    from moe_fusion.check import token_shape as shape
+    from moe_fusion.inputs import token_shape as shape
 
     return shape(partial, tokens)
 
 
 def f32_config() -> dict:
-    from moe_fusion.check import F32
+    from moe_fusion.runtime import F32
 
     return F32
 

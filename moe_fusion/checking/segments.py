@@ -19,6 +19,10 @@ from dataclasses import dataclass
 import openvino as ov
 import openvino.opset14 as ops
 
+from moe_fusion import catalogue
+from moe_fusion.candidates import candidates
+from moe_fusion.graph import output_name
+
 FREE = -1  # computed from Constants only: belongs to every segment that reads it
 
 
@@ -30,24 +34,18 @@ class Segment:
     outputs: list[str]  # output_key(i) for the model's i-th output, or cut keys
 
 
-def key(value: ov.Output) -> str:
+def cut_key(value: ov.Output) -> str:
+    """A cut's name, the same in the original and the fused model: `<friendly name>:<port>`."""
     return f"{value.get_node().get_friendly_name()}:{value.get_index()}"
 
 
 def output_key(index: int) -> str:
+    """The model's `index`-th output, named by position (the fused model's tensor names may differ)."""
     return f"@output{index}"
-
-
-def _name(value: ov.Output) -> str:
-    names = sorted(value.get_names())
-    return names[0] if names else value.get_node().get_friendly_name()
 
 
 def anchors(original: ov.Model) -> list[str]:
     """Names of the nodes producing each MoE block's hidden input, as the fusing engine finds the blocks."""
-    from moe_fusion import catalogue  # the engine imports check; import it only when cutting
-    from moe_fusion.fuse import candidates
-
     blocks, _ = candidates(original, catalogue.load(()))
     return [b.hidden.get_node().get_friendly_name() for b in blocks]
 
@@ -87,7 +85,7 @@ def assign(model: ov.Model, anchor_names: list[str]) -> dict[int, int]:
     raise ValueError("cannot cut the model at its MoE blocks: its state variables do not settle in one segment")
 
 
-class Cut:
+class Segments:
     """The segments of `model` cut at `anchor_names`: `count` of them, built one at a time when iterated
     (each a standalone clone; the model itself is left as it was)."""
 
@@ -108,8 +106,8 @@ class Cut:
                 p = self.sid[value.get_node().get_instance_id()]
                 if s == FREE or p in (FREE, s) or value.get_node().get_type_name() == "Parameter":
                     continue
-                self.cuts[p][key(value)] = value
-                self.reads[s][key(value)] = value
+                self.cuts[p][cut_key(value)] = value
+                self.reads[s][cut_key(value)] = value
         self.sinks = {s: [n for n in model.get_sinks() if self.sid[n.get_instance_id()] == s] for s in self.results}
         self.indices = [s for s in self.results if self.results[s] or self.cuts[s] or self.sinks[s]]
 
@@ -143,5 +141,5 @@ def _cut(model: ov.Model, s: int, reads: dict[str, ov.Output], outputs: list, si
     finally:
         for target, value in rewired:
             target.replace_source_output(value)
-    inputs = [_name(p.output(0)) for p in used] + names
+    inputs = [output_name(p.output(0)) for p in used] + names
     return Segment(s, cut_model, inputs, [n for n, _ in outputs])
