@@ -2,7 +2,7 @@
 native path, FusedExperts lowered, and ONNX Runtime's fused MoE kernel.
 
     python benchmarks/lowering.py [--layer qwen3|mixtral] [--weights f16|int4] [--runs 5]
-                                  [--targets auto,per-expert,cpu,tiled,grouped] [--prefill 128,512]
+                                  [--targets auto,per-expert,hybrid,cpu,tiled,grouped] [--prefill 128,512]
                                   [--precision default|f32|bf16] [--reference] [--no-ort]
                                   [--one-at-a-time auto|yes|no] [--profile] [--transpose-op] [--per-expert]
     benchmarks/lowering_all.sh      # both shapes, f16 and int4, under the benchmark lock
@@ -50,17 +50,16 @@ from pathlib import Path
 
 import numpy as np
 import openvino as ov
-import openvino.opset8 as ops8
-import openvino.opset14 as ops
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.ort_moe import OrtForm, ort_moe_model
 from models.bench_models import SHAPES, WEIGHT_TYPES, LayerWeights, layer_weights, loop_layer, tiled_layer
+from moe_fusion import host
 from moe_fusion.compressed import mark_decompression
 from moe_fusion.fusing import fuse
-from moe_fusion.io import core
-from moe_fusion.lower import AUTO, PER_EXPERT, TARGETS, TILED, CpuFacts, choose_form, fused_experts_nodes, lower
+from moe_fusion.lower import AUTO, HYBRID, PER_EXPERT, TARGETS, CpuFacts, choose_form, fused_experts_nodes, lower
+from moe_fusion.runtime import core
 
 DECODE_STEPS = 8  # decode: distinct tokens one after another, so routing (and the experts read) changes per step
 
@@ -91,35 +90,6 @@ def constant_bytes(model: ov.Model) -> int:
 
     walk(model)
     return sum(sizes.values())
-
-
-def if_hybrid(fused: ov.Model) -> ov.Model:
-    """The `If` route of issue 13, as a measured prototype (not a target): `If(tokens > 1)` runs the
-    per-expert form, else (decode) the tiled GatherMatmul form; both bodies built from the same stacked
-    weights (the plugin still packs each body's own copy)."""
-    model = fused.clone()
-    for node in fused_experts_nodes(model):
-        bodies = []
-        for target in (PER_EXPERT, TILED):
-            params = [ops.parameter(node.input_value(i).get_partial_shape(), node.input_value(i).get_element_type())
-                      for i in range(3)]
-            weights = [node.input_value(i) for i in range(3, node.get_input_size())]
-            clone = node.clone_with_new_inputs([p.output(0) for p in params] + weights)
-            body = ov.Model([ops.result(clone)], params)
-            lower(body, target)
-            bodies.append((body, params))
-        (then_body, then_params), (else_body, else_params) = bodies
-        slots = ops.reduce_prod(ops.shape_of(node.input_value(2)), ops.constant(np.int64(0)), False)  # T*K
-        top_k = node.get_input_partial_shape(2)[-1].get_length()
-        branch = ops8.if_op(ops.greater(slots, ops.constant(np.int64(top_k))).output(0))  # more than 1 token
-        branch.set_then_body(then_body)
-        branch.set_else_body(else_body)
-        for i, (then_param, else_param) in enumerate(zip(then_params, else_params, strict=True)):
-            branch.set_input(node.input_value(i), then_param, else_param)
-        out = branch.set_output(then_body.get_results()[0], else_body.get_results()[0])
-        node.output(0).replace(out)
-    model.validate_nodes_and_infer_types()
-    return model
 
 
 def reset_peak_rss() -> None:
@@ -273,11 +243,8 @@ _RSS_PER_FORM, _RSS_BUILDING = 3.7, 3.0
 
 
 def available_bytes() -> int:
-    with open("/proc/meminfo") as meminfo:
-        for line in meminfo:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    """MemAvailable, read as the engine reads it (moe_fusion.host; unknown: no limit)."""
+    return host.available_memory()
 
 
 def rss_gb() -> tuple[float, float]:
@@ -312,7 +279,7 @@ def as_exported(build: Callable[[LayerWeights], ov.Model], weights: LayerWeights
 
 
 def build_forms(weights: LayerWeights, targets: list[str], transpose_op: bool, reference: bool,
-                ort: Path | None, hybrid: bool = False) -> Iterator:
+                ort: Path | None) -> Iterator:
     """(form name, model, prepare seconds, measured alone?) one at a time; the caller compiles each model
     before asking for the next, so a model may be changed or dropped after it was yielded."""
     loop, build_s = timed(partial(as_exported, loop_layer, weights))
@@ -334,10 +301,6 @@ def build_forms(weights: LayerWeights, targets: list[str], transpose_op: bool, r
     if transpose_op:
         model, lower_s = timed(lambda: _lowered(fused, targets[0], False))
         yield f"F1 -> lowered {targets[0]} (Transpose op)", model, fuse_s + lower_s, False
-        del model
-    if hybrid:
-        model, lower_s = timed(lambda: if_hybrid(fused))
-        yield "F1 -> If(T>1: per-expert, tiled) proto", model, fuse_s + lower_s, False
         del model
     if ort is not None:
         yield f"ORT {'MoE f32' if ort.name == 'moe.onnx' else 'QMoE int4'} (peer)", ort, 0.0, False
@@ -366,15 +329,12 @@ def main() -> None:
     parser.add_argument("--layer", choices=sorted(SHAPES), default="qwen3")
     parser.add_argument("--weights", choices=WEIGHT_TYPES, default="f16")
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--targets", default="auto,per-expert",
+    parser.add_argument("--targets", default="auto,per-expert,hybrid,cpu",
                         help=f"lowering targets, comma-separated ({', '.join(TARGETS)}; auto is resolved for "
                              "this CPU; a target equal to auto's choice is timed once)")
     parser.add_argument("--prefill", default="",
                         help="prefill token counts, comma-separated (default: 128,512 at qwen3, 128 at mixtral)")
     parser.add_argument("--no-ort", action="store_true", help="skip ONNX Runtime's MoE/QMoE peer")
-    parser.add_argument("--hybrid", choices=("auto", "yes", "no"), default="auto",
-                        help="also time the If(tokens > 1) prototype: per-expert prefill, tiled decode (auto: "
-                             "at qwen3, where it fits in memory)")
     parser.add_argument("--precision", default="default", help="INFERENCE_PRECISION_HINT (default: the plugin's)")
     parser.add_argument("--reference", action="store_true", help="also time the FusedExperts numpy kernel")
     parser.add_argument("--no-reference", action="store_true", help=argparse.SUPPRESS)  # the old default
@@ -416,9 +376,8 @@ def main() -> None:
         start = time.perf_counter()
         ort = ort_moe_model(weights, Path(tempfile.mkdtemp(prefix="moe-ort-")))
         print(f"wrote ONNX Runtime's layer in {time.perf_counter() - start:.1f} s: {ort}", flush=True)
-    hybrid = args.hybrid == "yes" or (args.hybrid == "auto" and args.layer == "qwen3")
     n_forms = (2 + len(targets) + args.transpose_op + (ort is not None) * (4 if args.weights == "f16" else 1)
-               + 3 * hybrid)  # the If prototype holds both forms' kernels and two copies of the weights
+               + 2 * (HYBRID in targets))  # hybrid holds both forms' kernels and two copies of the weights
     estimate = (_RSS_PER_FORM * n_forms + _RSS_BUILDING) * layer_bytes  # int4 stays compressed when compiled
     alone = args.one_at_a_time == "yes" or (args.one_at_a_time == "auto" and estimate > available_bytes())
     print(f"{shape.name} layer: H={shape.hidden} I={shape.intermediate} E={shape.experts} K={shape.top_k}, "
@@ -434,7 +393,7 @@ def main() -> None:
     inputs = {f"prefill-{t}": rng.standard_normal((1, t, shape.hidden), dtype=np.float32) for t in prefills}
     inputs["decode"] = rng.standard_normal((DECODE_STEPS, 1, 1, shape.hidden), dtype=np.float32)
     first = f"prefill-{prefills[0]}"
-    forms = build_forms(weights, targets, args.transpose_op, args.reference, ort, hybrid)
+    forms = build_forms(weights, targets, args.transpose_op, args.reference, ort)
     del weights
     rows: list[Row] = []
     live: list[Timed] = []
@@ -497,6 +456,25 @@ def _table(rows: list[Row], prefills: list[int], decode_floor: float, prefill_fl
           f"bound); prefill's all-experts stream is {prefill_floor:.1f} ms. max rel: prefill output vs the first "
           "row, at the run's precision. memory: weights held + peak RSS growth of compile and first inference. "
           "+1st s: compile and the first prefill (FullyConnected packs its weights at its first run).")
+    if native is not None:
+        _targets(rows, base, native, prefills)
+
+
+def _targets(rows: list[Row], loop: Row, native: Row, prefills: list[int]) -> None:
+    """Issue 19's targets per form: prefill >= 1.0x the faster of loop and native (each prefill length),
+    decode time <= 1.05x native's, memory <= 1.1x native's, compile <= native's; `ok` when all hold."""
+    heads = [f"prefill-{t} vs best" for t in prefills]
+    print(f"\n{'form':<40} " + " ".join(f"{h:>20}" for h in heads)
+          + f" {'decode time vs native':>21} {'memory vs native':>16} {'compile vs native':>17}  targets")
+    for r in rows:
+        best = [min(loop.prefill_ms[t], native.prefill_ms[t]) / r.prefill_ms[t] for t in prefills]
+        decode, memory = r.decode_ms / native.decode_ms, r.memory_gb / native.memory_gb
+        compile_ = r.compile_s / native.compile_s
+        met = all(b >= 1.0 for b in best) and decode <= 1.05 and memory <= 1.1 and compile_ <= 1.0
+        print(f"{r.form:<40} " + " ".join(f"{b:>19.2f}x" for b in best)
+              + f" {decode:>20.2f}x {memory:>15.2f}x {compile_:>16.2f}x  {'ok' if met else 'missed'}")
+    print("memory here: in this process (weights held + RSS growth); benchmarks/deployed_memory.py measures the "
+          "deployed model's peak RssAnon per form in a fresh process.")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import io
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -18,7 +19,7 @@ from moe_fusion.explain import to_json as explanation_json
 from moe_fusion.fusing import fuse
 from moe_fusion.host import NoSpaceError
 from moe_fusion.io import InputError, check_output, check_space, first_line, load, save
-from moe_fusion.lower import DEFAULT_TARGET, TARGETS, lower
+from moe_fusion.lower import DEFAULT_TARGET, TARGETS, CpuFacts, lower
 
 BAD_INPUT = 2
 NOT_EQUIVALENT = 1
@@ -109,22 +110,54 @@ def fuse_command(input_path, output, report_path, patterns, no_verify, force, in
 @click.argument("input_path", metavar="FUSED", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Lowered model (.xml or folder).")
 @click.option("--target", type=click.Choice(TARGETS), default=DEFAULT_TARGET, show_default=True,
-              help="auto: chosen for this CPU (per-expert GEMMs for few large experts without AMX, else cpu; "
-                   "recorded in the model's rt_info); cpu: GatherMatmul-friendly tiled form, grouped where it "
-                   "would not fire.")
+              help="auto: chosen for this CPU (cpu with AMX and bf16; else hybrid, per-expert for int8/int4 "
+                   "weights; recorded in the model's rt_info); hybrid: per-expert prompts, GatherMatmul decode; "
+                   "cpu: GatherMatmul-friendly tiled form, grouped where it would not fire.")
+@click.option("--precision", type=click.Choice(["bf16", "f32"]), default=None,
+              help="The inference precision the model will run at (default: this CPU's); hybrid stores its "
+                   "decode weights in it. Give f32 to verify the result with `check` at f32.")
 @click.option("--force", is_flag=True, help="Overwrite an existing OUTPUT.")
 @click.option("--in-place", is_flag=True, help="Allow OUTPUT to be FUSED.")
 @one_line_errors
-def lower_command(input_path, output, target, force, in_place) -> None:
+def lower_command(input_path, output, target, precision, force, in_place) -> None:
     """Replace every FusedExperts of FUSED by native OpenVINO ops: the result runs without moe-fusion."""
     if not input_path.is_dir() and output.suffix != ".xml":
         raise InputError(f"{output}: OUTPUT for a model file must be an IR .xml path")
     check_output(input_path, output, force=force, in_place=in_place)
     check_space(input_path, output, scratch=False)
     model = load(input_path)
-    report = lower(model, target)
+    cpu = CpuFacts.detect()
+    report = lower(model, target, cpu=replace(cpu, precision=precision) if precision else cpu)
     save(model, input_path, output)
     click.echo(f"{report.summary()} -> {output}")
+
+
+@main.command("convert")
+@click.argument("hf_dir", metavar="HF_MODEL_DIR", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Output folder.")
+@click.option("--weight-format", type=click.Choice(("fp32", "fp16", "int8", "int4")), default="fp32",
+              show_default=True, help="Weights of the written model (int8/int4: NNCF).")
+@click.option("--lower", "lower_target", type=click.Choice(TARGETS), default=DEFAULT_TARGET, show_default=True,
+              help="Lower FusedExperts to native ops for TARGET.")
+@click.option("--no-lower", is_flag=True, help="Keep FusedExperts (the folder then needs moe-fusion to run).")
+@click.option("--force", is_flag=True, help="Overwrite an existing OUTPUT.")
+@one_line_errors
+def convert_command(hf_dir, output, weight_format, lower_target, no_lower, force) -> None:
+    """Convert a Hugging Face MoE model folder into a stateful, fused, proven folder openvino-genai runs."""
+    from moe_fusion.convert import convert
+    from moe_fusion.convert.pipeline import ConversionError
+
+    try:
+        report = convert(hf_dir, output, weight_format=weight_format, lower=None if no_lower else lower_target,
+                         force=force, progress=lambda message: click.echo(message, err=True))
+    except ConversionError as error:
+        click.echo(f"moe-fusion: {error}", err=True)
+        sys.exit(NOT_EQUIVALENT)
+    if report.fuse is not None and report.fuse.blocks:
+        click.echo(report.fuse.table())
+    for note in report.compression:
+        click.echo(note)
+    click.echo(report.summary())
 
 
 @main.command("inspect")

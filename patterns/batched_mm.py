@@ -46,7 +46,10 @@ def _bmm(w, x, name: str):
 
 
 def _ids():
-    return reshaped(op("Clamp", reshaped(any_input("topk_indices")), name="clamp"))
+    """The flattened router ids, clamped to [0, E-1] (transformers 5.5) or only under expert parallelism
+    (5.23: no Clamp when the model is not sharded)."""
+    return either(reshaped(op("Clamp", reshaped(any_input("topk_indices")), name="clamp")),
+                  reshaped(any_input("topk_indices")))
 
 
 def _tokens():
@@ -145,7 +148,7 @@ def _routing(values: dict) -> tuple[ov.Node, ov.Output, int]:
     num_experts = width[-1].get_length()
     if router.get_attributes()["axis"] not in (-1, 1):
         raise Decline("the router's TopK does not select along the expert axis", router, router)
-    clamp = values["clamp"].get_node().get_attributes()
+    clamp = values["clamp"].get_node().get_attributes() if "clamp" in values else {"min": 0, "max": num_experts}
     if clamp["min"] > 0 or clamp["max"] < num_experts - 1:
         raise Decline(f"expert ids clamped to [{clamp['min']:g}, {clamp['max']:g}], which remaps some of the "
                       f"{num_experts} experts", values["clamp"].get_node(), router)
@@ -273,9 +276,34 @@ def _check_mask(values: dict, indices: ov.Output, num_experts: int, router) -> N
         raise Decline("slots are masked by something other than expert ids >= E", values["select"].get_node(), router)
 
 
+def _repeat_interleaved(value: ov.Output) -> bool:
+    """`x.repeat_interleave(K, dim=0)` as traced (transformers 5.23): Gather of x at
+    Reshape(Transpose(Tile(Unsqueeze(arange(T), 0), [K, 1]), [1, 0])), i.e. index s // K at slot s."""
+    chain = []
+    while value.get_node().get_type_name() in ("Convert", "Reshape", "Transpose", "Tile", "Unsqueeze"):
+        chain.append(value.get_node())
+        value = value.get_node().input_value(0)
+    kinds = [n.get_type_name() for n in chain if n.get_type_name() != "Convert"]
+    if kinds[-4:] != ["Reshape", "Transpose", "Tile", "Unsqueeze"] or value.get_node().get_type_name() != "Range":
+        return False
+    reshape, transpose, tile, unsqueeze = [n for n in chain if n.get_type_name() != "Convert"][-4:]
+    arange = value.get_node()
+    perm = strip(transpose.input_value(1)).get_node()
+    repeats = tile.input_value(1).get_node()
+    repeat_one = repeats.get_type_name() == "Concat" and repeats.get_input_size() == 2 and \
+        _scalar(repeats.input_value(1)) == 1
+    rank = reshape.get_output_partial_shape(0).rank
+    return (perm.get_type_name() == "Constant" and list(np.asarray(perm.get_data()).reshape(-1)) == [1, 0]
+            and repeat_one and _scalar(unsqueeze.input_value(1)) == 0 and rank.is_static and rank.get_length() == 1
+            and _scalar(arange.input_value(0)) == 0 and _scalar(arange.input_value(2)) == 1)
+
+
 def _check_tokens(values: dict, router) -> None:
-    """Slot s reads token s // K: arange(T) unsqueezed at axis 1, expanded to [T, K] and flattened."""
+    """Slot s reads token s // K: arange(T) unsqueezed at axis 1, expanded to [T, K] and flattened (5.5), or
+    the hidden states repeat-interleaved K times (5.23)."""
     gather = values["gather_tokens"].get_node()
+    if _scalar(values["token_axis"]) == 0 and _repeat_interleaved(gather.input_value(1)):
+        return
     chain, value = [], gather.input_value(1)
     while value.get_node().get_type_name() in ("Convert", "Reshape", "Broadcast", "Unsqueeze"):
         chain.append(value.get_node())
@@ -305,8 +333,10 @@ def explain(model, router) -> object:
                    for m in consumers(gather) if m.get_type_name() == "MatMul" for p in producers(m))
 
     walk = Walk(FAMILY, router)
-    walk.down("Clamp", "expert ids clamped to [0, E-1]", port=indices_port(router))
-    walk.down("Gather", "stacked gate_up weights gathered per slot", when=reads_tokens)
+    walk.down(("Clamp", "Gather"), "expert ids clamped to [0, E-1], or the stacked weights gathered by them",
+              port=indices_port(router), when=lambda n: n.get_type_name() == "Clamp" or reads_tokens(n))
+    if walk.ok and walk.at.get_type_name() == "Clamp":
+        walk.down("Gather", "stacked gate_up weights gathered per slot", when=reads_tokens)
     walk.down("MatMul", "batched MatMul on the gathered tokens")
     walk.down(("Split", "VariadicSplit", "Add"), "gate_up split into gate and up, or its gathered bias added")
     gemm2 = walk.ok and walk.at.get_type_name() == "Add"

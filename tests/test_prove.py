@@ -1,6 +1,6 @@
 """The per-block proof's inputs are hard and its coverage report is honest.
 
-Tolerance: prove's own (f32: 1e-4 of each case's output scale, see moe_fusion/prove.py).
+Tolerance: prove's own (f32: 1e-4 of each case's output scale, see moe_fusion/proof/protocol.py).
 """
 
 from __future__ import annotations

@@ -1,19 +1,15 @@
-"""Direct conversion of a transformers 5 MoE model with `openvino.convert_model`, done right (optional:
-`pip install "moe-fusion[convert]"`, which brings torch and transformers; the rest of moe-fusion never
-imports this module).
+"""transformers 5.5's mask code does not trace; these fixes make it, only where the installed version needs them.
 
-    from moe_fusion.convert import convert_model
-    ov_model = convert_model(hf_model)          # every expert in the graph; then moe_fusion.fuse(ov_model)
+1. Under `torch.jit.trace`, `sdpa_mask` receives `q_length` as a tensor and takes it for the deprecated
+   `cache_position` (`IndexError: tuple index out of range`); it also uses vmap for custom mask functions.
+   A mask function that broadcasts index tensors instead is registered for "sdpa" and "eager".
+2. `find_packed_sequence_indices` traces to `aten::diff` (no conversion rule): one sequence per row here.
 
-What it does, and why (docs/converting.md):
+transformers 5.23 traces without either (checked: `fixes_needed()` is False there and the traced model matches
+torch); the cut-off below is the first release seen without the problem.
 
-1. `hf_model.set_experts_implementation("batched_mm")`. transformers 5's default `grouped_mm` does not
-   convert (`aten::histc` has no conversion rule); `eager` loops in Python over the experts the example
-   input hit, so the IR keeps only those (moe-fusion reports such an IR as a broken export).
-2. Two fixes to transformers 5.5's mask code, active only during the trace: a mask function without vmap
-   and without the tensor-`q_length` branch, registered for "sdpa" and "eager"; and
-   `find_packed_sequence_indices` returning None (it needs `aten::diff`).
-3. `forward(input_ids, attention_mask) -> logits` converted with dynamic batch and sequence, no KV cache.
+`convert_model` (the logits-only conversion of earlier releases) is kept for compatibility; `convert` makes a
+deployable stateful folder instead.
 """
 
 from __future__ import annotations
@@ -33,6 +29,15 @@ except ImportError as error:  # keep torch out of the base install
     ) from None
 
 EXPERTS = "batched_mm"
+FIXED_IN = (5, 6)  # the first transformers minor whose mask code traces as it is (5.5.4 needs both fixes)
+
+
+def fixes_needed() -> bool:
+    """Whether the installed transformers needs the two mask fixes to trace."""
+    import transformers
+
+    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
+    return (major, minor) < FIXED_IN
 
 
 def traceable_sdpa_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0,
@@ -78,6 +83,29 @@ def conversion_fixes(mask: bool = True, packed: bool = True) -> Iterator[None]:
         masking_utils.find_packed_sequence_indices = saved_packed
 
 
+@contextlib.contextmanager
+def padded_rows_attend() -> Iterator[None]:
+    """transformers' own "sdpa" mask, with query rows that may attend to nothing (left padding) attending
+    everywhere: OpenVINO's SDPA gives NaN for such rows where torch >= 2.5 gives 0, and the NaN reaches real
+    tokens through V in the next layer wherever the plugin computes masked positions as 0 * NaN (seen with
+    DeepSeek's MLA, whose values are narrower than its keys). The rows' own outputs are padding either way.
+    (transformers 5.5's `traceable_sdpa_mask` above does the same.)"""
+    interface = masking_utils.ALL_MASK_ATTENTION_FUNCTIONS
+    original = interface["sdpa"]
+
+    def sdpa(*args, **kwargs):
+        mask = original(*args, **kwargs)
+        if mask is None or mask.dtype != torch.bool:
+            return mask
+        return mask | torch.all(~mask, dim=-1, keepdim=True)
+
+    interface.register("sdpa", sdpa)
+    try:
+        yield
+    finally:
+        interface.register("sdpa", original)
+
+
 class Logits(torch.nn.Module):
     """What is converted: token ids and padding mask in, logits out, no cache."""
 
@@ -90,7 +118,8 @@ class Logits(torch.nn.Module):
 
 
 def convert_model(model: torch.nn.Module, *, experts: str = EXPERTS, tokens: int = 8, **fixes: bool) -> ov.Model:
-    """`model` (a transformers `*ForCausalLM`) as an OpenVINO logits model with every expert in the graph.
+    """Deprecated (use `moe_fusion.convert.convert` for a deployable folder): `model` (a transformers
+    `*ForCausalLM`) as an OpenVINO logits model without a KV cache, every expert in the graph.
 
     `experts` is the experts implementation traced (anything but "batched_mm" is for demonstrating broken
     exports); `tokens` the example input's length (the IR does not depend on it with "batched_mm");
@@ -100,6 +129,8 @@ def convert_model(model: torch.nn.Module, *, experts: str = EXPERTS, tokens: int
     ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(1))
     example = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     dynamic = [("input_ids", [-1, -1], ov.Type.i64), ("attention_mask", [-1, -1], ov.Type.i64)]
+    if not fixes_needed():
+        fixes = {"mask": False, "packed": False, **fixes}
     with torch.no_grad(), conversion_fixes(**fixes):
         converted = ov.convert_model(Logits(model.eval()), example_input=example, input=dynamic)
     converted.outputs[0].get_tensor().set_names({"logits"})
