@@ -1,8 +1,10 @@
-"""Mutation fuzzing, the fast seeded subset (the full run: `python benchmarks/fuzz.py --count 300 --seed 0`).
+"""Mutation fuzzing, the fast seeded subset (the full run: `python benchmarks/fuzz.py --count 300 --seed 4242`).
 
-Mutants of real exports (`models/mutants.py`), each with one graph mutation in one MoE block, are fused with
+Mutants of real exports (`models/mutants/`), each with one graph mutation in one MoE block, are fused with
 verification on; no fusion may be wrong: every fused model passes `check` against the mutant itself, every
-declined block carries a reason, nothing crashes. Plus the regressions the fuzzing found.
+declined block carries a reason, nothing crashes. Every operator reaches the `batched_mm` (direct-*) and the
+optimum-intel 2.2 (gen2-*) forms; the harness tells a broken export and a native crash (with its stage)
+apart from a wrong fusion. Plus the regressions the fuzzing found.
 """
 
 from __future__ import annotations
@@ -13,13 +15,14 @@ import openvino.opset14 as ops
 import pytest
 
 import moe_fusion
-from models.mutants import OPERATORS, fixture_path, judge, judge_many, mutant, mutants
-from moe_fusion.fusing import fuse
+from models.mutants import OPERATORS, fixture_path, judge, judge_many, mutant, mutants, mutate
+from moe_fusion import fuse
 
 SEED = 1
 # One fixture per graph form: per-expert loop (IR, ONNX, convert_model, int8), tiled (gen1 and gen2), GPT-OSS,
-# sort-and-slice, Llama-4; the smaller exports, to keep the subset fast.
+# sort-and-slice, Llama-4, batched_mm (direct convert_model); the smaller exports, to keep the subset fast.
 FAST_FIXTURES = (
+    "direct-mixtral",
     "gen1-mixtral",
     "gen1-mixtral-int8-sym",
     "onnx-qwen3moe",
@@ -36,11 +39,12 @@ COUNT = 2 * len(OPERATORS)
 @pytest.fixture(scope="module")
 def verdicts():
     # in worker processes: each fuse leaks ~47 MB of OpenVINO pattern objects, which must not pile up here
-    return list(judge_many(SEED, range(COUNT), FAST_FIXTURES, tokens=(1, 16), steps=1))
+    return list(judge_many(SEED, range(COUNT), FAST_FIXTURES, tokens=(1, 16), steps=1, jobs=2))
 
 
 def test_no_wrong_fusion(verdicts):
-    wrong = [f"{v.mutant.name}: {v.mutant.description}: {v.detail}" for v in verdicts if v.outcome == "WRONG"]
+    bad = ("WRONG", "generator failed", "crashed")
+    wrong = [f"{v.outcome} {v.mutant.name}: {v.mutant.description}: {v.detail}" for v in verdicts if v.outcome in bad]
     assert not wrong, "\n".join(wrong)
 
 
@@ -80,6 +84,94 @@ def test_weight_mutation_is_fused_and_changes_the_model():
     assert verdict.outcome == "fused", verdict.detail
     original = moe_fusion.read_model(fixture_path("gen1-mixtral"))
     assert not moe_fusion.check(original, found.model, tokens=(16,), steps=0).equivalent
+
+
+# ---- every form reached -------------------------------------------------------------------------------
+
+DIRECT = ("direct-mixtral", "direct-gptoss", "direct-deepseekv3", "direct-olmoe", "direct-ernie45moe",
+          "direct-glm4moe", "direct-hunyuanmoe")  # the sound batched_mm exports (the broken ones hold no block)
+GEN2 = ("gen2-mixtral", "gen2-qwen3moe", "gen2-phimoe", "gen2-gptoss", "gen2-granitemoe")
+# the operators that found nothing on the batched_mm IRs before they learnt its form (issue 18)
+WERE_BLIND = ("drop_expert", "duplicate_expert", "weights", "swap_gate_up", "clamp", "transpose_perm")
+
+
+def _reaches(operator: str, fixtures, seeds: int = 3):
+    """(family, description) of the first mutant `operator` makes on `fixtures`, or None."""
+    for fixture in fixtures:
+        for seed in range(seeds):
+            made = mutate(fixture, operator, np.random.default_rng(seed))
+            if made is not None:
+                _model, site, change = made
+                return site.family, change.description
+    return None
+
+
+@pytest.mark.parametrize("operator", list(OPERATORS))
+def test_every_operator_reaches_batched_mm_and_gen2(operator):
+    direct = _reaches(operator, DIRECT)
+    assert direct is not None and direct[0] == "batched_mm", direct
+    assert _reaches(operator, GEN2) is not None
+
+
+@pytest.mark.parametrize("fixture", DIRECT)
+def test_weight_level_operators_reach_every_batched_mm_export(fixture):
+    missing = [op for op in WERE_BLIND if _reaches(op, [fixture]) is None]
+    assert not missing, f"{fixture}: {missing} find nothing to change"
+
+
+@pytest.mark.parametrize(("operator", "evidence"), [("drop_expert", "slab"), ("weights", "slab"),
+                                                    ("duplicate_expert", "weights replaced"),
+                                                    ("swap_gate_up", "swapped")])
+@pytest.mark.parametrize("fixture", ["gen2-mixtral", "direct-mixtral"])
+def test_expert_operators_edit_the_stacked_weights(operator, evidence, fixture):
+    """On the tiled and batched_mm forms the expert operators edit slab e of a stacked [E, ...] weight (or
+    its gate/up halves), whichever variant the seed picks first."""
+    made = [mutate(fixture, operator, np.random.default_rng(seed)) for seed in range(8)]
+    found = [change.description for _model, _site, change in filter(None, made) if evidence in change.description]
+    assert found, f"{operator} on {fixture} never edits the stacked weights in 8 seeds"
+
+
+def test_batched_mm_swapped_halves_fuse_and_change_the_model():
+    """Gate and up halves swapped in direct-mixtral's stacked gate_up weight: a different model (check against
+    the fixture fails) that fuses, the fused model following the mutant."""
+    found = next(m for m in mutants(2, 48, fixtures=["direct-mixtral"], operators=["swap_gate_up"]))
+    assert "halves" in found.description
+    verdict = judge(found)
+    assert verdict.outcome == "fused", verdict.detail
+    original = moe_fusion.read_model(fixture_path("direct-mixtral"))
+    assert not moe_fusion.check(original, found.model, tokens=(16,), steps=0).equivalent
+
+
+def test_batched_mm_transposed_weight_with_flipped_flag_is_the_same_model():
+    """The stored-transposed variant of transpose_perm keeps the function: check against the fixture passes."""
+    found = next(m for m in mutants(0, 64, fixtures=["direct-mixtral"], operators=["transpose_perm"])
+                 if "the same function" in m.description)
+    original = moe_fusion.read_model(fixture_path("direct-mixtral"))
+    assert moe_fusion.check(original, found.model, tokens=(16,), steps=0).equivalent
+
+
+# ---- the harness's outcomes ---------------------------------------------------------------------------
+
+
+def test_broken_export_mutant_is_declined_as_broken_not_wrong():
+    """A loop expert reading another expert's mask column leaves expert ids that do not cover 0..E-1: the
+    engine calls the mutant a broken export, fuse declines the block and check refuses the mutant as an
+    original. That is 'broken', not WRONG (issue 18: three such mutants were counted WRONG)."""
+    found = next(m for m in mutants(0, 32, fixtures=["gen1-mixtral"], operators=["duplicate_expert"]))
+    verdict = judge(found)
+    assert verdict.outcome == "broken", (verdict.outcome, verdict.detail)
+    assert "broken export" in verdict.detail and "check refuses the mutant" in verdict.detail
+
+
+@pytest.mark.parametrize("stage", ["generate", "fuse", "check-fused"])
+def test_native_crash_is_counted_with_its_stage(stage):
+    """A judging process killed by SIGSEGV (injected on entering `stage`) is 'crashed at <stage>', the run
+    goes on, and the verdict still names the mutant once it was made."""
+    first, second = judge_many(SEED, [0, 1], ["gen1-mixtral"], operators=["weights"], crash_at=stage)
+    for verdict in (first, second):
+        assert verdict.outcome == "crashed" and verdict.stage == stage, (verdict.outcome, verdict.detail)
+        assert verdict.detail.startswith(f"crashed at {stage}: ") and "SIGSEGV" in verdict.detail
+        assert (verdict.mutant.fixture == "gen1-mixtral") == (stage != "generate")
 
 
 # ---- regressions found by the fuzzing ------------------------------------------------------------------
