@@ -26,8 +26,8 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from moe_fusion.convert import convert  # noqa: E402
-from moe_fusion.convert.proof import F32  # noqa: E402
+from moe_fusion.convert import convert
+from moe_fusion.convert.proof import F32
 
 NEW = 16
 
