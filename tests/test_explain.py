@@ -126,7 +126,8 @@ def test_nothing_to_explain_when_everything_fuses():
     assert code == 0 and out.rstrip().endswith("every block found would fuse: nothing to explain")
 
 
-@pytest.mark.parametrize("fixture", sorted(p.name for p in FIXTURES.iterdir() if p.is_dir() and p.name not in BROKEN))
+@pytest.mark.parametrize("fixture", sorted(p.name for p in FIXTURES.iterdir() if p.is_dir() and p.name not in BROKEN
+                                            and not p.name.startswith("deploy-")))  # deploy-*: lowered outputs
 def test_hooks_agree_with_the_families(fixture):
     """On every real export: the family that fuses a block traces it to the end; every other family's hook
     stops somewhere. A hook that matched everything everywhere would explain nothing."""
