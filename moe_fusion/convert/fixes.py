@@ -83,6 +83,29 @@ def conversion_fixes(mask: bool = True, packed: bool = True) -> Iterator[None]:
         masking_utils.find_packed_sequence_indices = saved_packed
 
 
+@contextlib.contextmanager
+def padded_rows_attend() -> Iterator[None]:
+    """transformers' own "sdpa" mask, with query rows that may attend to nothing (left padding) attending
+    everywhere: OpenVINO's SDPA gives NaN for such rows where torch >= 2.5 gives 0, and the NaN reaches real
+    tokens through V in the next layer wherever the plugin computes masked positions as 0 * NaN (seen with
+    DeepSeek's MLA, whose values are narrower than its keys). The rows' own outputs are padding either way.
+    (transformers 5.5's `traceable_sdpa_mask` above does the same.)"""
+    interface = masking_utils.ALL_MASK_ATTENTION_FUNCTIONS
+    original = interface["sdpa"]
+
+    def sdpa(*args, **kwargs):
+        mask = original(*args, **kwargs)
+        if mask is None or mask.dtype != torch.bool:
+            return mask
+        return mask | torch.all(~mask, dim=-1, keepdim=True)
+
+    interface.register("sdpa", sdpa)
+    try:
+        yield
+    finally:
+        interface.register("sdpa", original)
+
+
 class Logits(torch.nn.Module):
     """What is converted: token ids and padding mask in, logits out, no cache."""
 

@@ -26,7 +26,7 @@ import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from moe_fusion.convert import architectures
-from moe_fusion.convert.fixes import conversion_fixes, fixes_needed
+from moe_fusion.convert.fixes import conversion_fixes, fixes_needed, padded_rows_attend
 
 EXPERTS = "batched_mm"
 
@@ -127,8 +127,7 @@ def trace(model: torch.nn.Module) -> tuple[ov.Model, CacheLayout]:
     with contextlib.ExitStack() as stack, torch.no_grad(), warnings.catch_warnings():
         # TracerWarnings name Python branches the trace freezes; the proof (proof.py) checks the result instead
         warnings.simplefilter("ignore")
-        if fixes_needed():
-            stack.enter_context(conversion_fixes())
+        stack.enter_context(conversion_fixes() if fixes_needed() else padded_rows_attend())
         for patch in architectures.prepare(model, model.config):
             stack.enter_context(patch)
         converted = ov.convert_model(WithCache(model, layout.layers), example_input=tuple(inputs.values()),
