@@ -60,7 +60,14 @@ _SPARSE = ("DeepSeek sparse attention (an indexer selects the top-k keys per que
 _SPARSE_ATTENTION = {"deepseek_v32": _SPARSE, "glm_moe_dsa": _SPARSE, "hy_v4": _SPARSE, "axk2": _SPARSE,
                      "dots3_note": _SPARSE, "minimax_m3_vl": _SPARSE}
 
+# DeepSeek-V4: hybrid compressed attention. Its cache layers (HCA / CSA) hold, beside a sliding window of keys,
+# compressor and indexer state that grows in blocks, and the CSA layers select compressed blocks per query with
+# an indexer: neither is a key/value pair OpenVINO's stateful cache or PagedAttention can hold or express.
+_COMPRESSED = ("DeepSeek-V4's compressed attention (HCA/CSA cache layers hold compressor and indexer state beside "
+               "the keys, and CSA selects compressed blocks per query; openvino-genai's PagedAttention has neither)")
+
 UNSUPPORTED: dict[str, str] = {
+    "deepseek_v4": f"not supported: {_COMPRESSED}",
     **{kind: f"not supported: its {what} are not carried by the converted KV cache"
        for kind, what in _RECURRENT.items()},
     **{kind: f"not supported: {why}" for kind, why in _SPARSE_ATTENTION.items()},
