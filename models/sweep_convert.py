@@ -87,8 +87,9 @@ def tiny_config(module: str, class_name: str):
             setattr(config, key, [value[i] for i in keep])
     config.num_hidden_layers = len(keep)
     config.tie_word_embeddings = False
-    if getattr(config, "num_experts_per_tok", 0) is None:
-        config.num_experts_per_tok = 2
+    for key in ("head_dim", "num_experts_per_tok", "n_routed_experts", "moe_intermediate_size"):
+        if key in vars(config) and getattr(config, key) is None:  # None defaults some configs derive later
+            setattr(config, key, SHRINK[key])
     if getattr(config, "kv_lora_rank", None):  # MLA: a key per query head; RoPE on the rotary part of the head
         config.num_key_value_heads = config.num_attention_heads
         config.qk_head_dim = config.qk_nope_head_dim + config.qk_rope_head_dim
