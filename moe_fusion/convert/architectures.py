@@ -66,8 +66,21 @@ _SPARSE_ATTENTION = {"deepseek_v32": _SPARSE, "glm_moe_dsa": _SPARSE, "hy_v4": _
 _COMPRESSED = ("DeepSeek-V4's compressed attention (HCA/CSA cache layers hold compressor and indexer state beside "
                "the keys, and CSA selects compressed blocks per query; openvino-genai's PagedAttention has neither)")
 
+# Routing a trace freezes (docs/converting.md, "Architectures whose trace is wrong whatever the switch"): the
+# converted model would run only inputs routed like the example. The conversion proof catches it (the logits
+# differ), but by name is clearer than a failed proof.
+_FROZEN = {
+    "jetmoe": "its experts split the routed rows with sizes taken by .tolist(), which the trace freezes",
+    "longcat_flash": "its router turns expert ids into Python numbers (.item()), which the trace freezes",
+}
+
 UNSUPPORTED: dict[str, str] = {
     "deepseek_v4": f"not supported: {_COMPRESSED}",
+    # Chunked local attention: openvino-genai's PagedAttention has a sliding window but no chunks, and drops the
+    # traced chunk mask, so past attention_chunk_size tokens (8192 in the releases) the deployed model would differ.
+    "llama4": "not supported: chunked local attention (attention_chunk_size) has no openvino-genai PagedAttention "
+              "equivalent; the deployed model would differ past the chunk size",
+    **{kind: f"not supported: {why}" for kind, why in _FROZEN.items()},
     **{kind: f"not supported: its {what} are not carried by the converted KV cache"
        for kind, what in _RECURRENT.items()},
     **{kind: f"not supported: {why}" for kind, why in _SPARSE_ATTENTION.items()},
