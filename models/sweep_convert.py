@@ -224,8 +224,18 @@ def main() -> int:
     parser.add_argument("--jsonl", default="sweep_convert.jsonl")
     parser.add_argument("--markdown")
     parser.add_argument("--timeout", type=int, default=600)
+    parser.add_argument("--table", nargs="+", metavar="JSONL",
+                        help="only print the markdown table of these runs (a later row of an architecture wins)")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.table:
+        latest: dict[str, dict] = {}
+        for path in args.table:
+            for line in pathlib.Path(path).read_text().splitlines():
+                row = json.loads(line)
+                latest[row["arch"]] = row
+        print(markdown([latest[k] for k in sorted(latest)]))
+        return 0
     if args.child:
         print("ROW " + json.dumps(one(*args.child)), flush=True)
         return 0
