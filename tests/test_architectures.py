@@ -20,7 +20,8 @@ from moe_fusion.convert import architectures, patches  # noqa: E402
 
 
 @pytest.mark.parametrize("kind", ["qwen3_next", "jamba", "nemotron_h", "granitemoehybrid", "lfm2_moe", "kimi_linear",
-                                  "deepseek_v32", "glm_moe_dsa", "deepseek_v4", "llama4", "jetmoe"])
+                                  "deepseek_v32", "glm_moe_dsa", "deepseek_v4", "llama4", "jetmoe",
+                                  "qwen3_5_moe_text"])
 def test_recurrent_and_sparse_attention_architectures_are_refused_in_one_line(kind):
     reason = architectures.unsupported(type("Config", (), {"model_type": kind})())
     assert reason and "\n" not in reason and reason.startswith("not supported: ")

@@ -94,10 +94,11 @@ def _text_config(config: Any) -> Any:
 
 def unsupported(config: Any) -> str | None:
     """Why `config`'s architecture cannot be converted (one line), or None when the pipeline should try it."""
-    kind = getattr(config, "model_type", "")
-    reason = UNSUPPORTED.get(kind) or UNSUPPORTED.get(getattr(_text_config(config), "model_type", ""))
-    if reason:
-        return reason
+    for kind in (getattr(config, "model_type", ""), getattr(_text_config(config), "model_type", "")):
+        # a multimodal family's text model has its own model_type: qwen3_5_moe_text for Qwen3_5MoeForCausalLM
+        reason = UNSUPPORTED.get(kind) or UNSUPPORTED.get(kind.removesuffix("_text"))
+        if reason:
+            return reason
     return None
 
 
