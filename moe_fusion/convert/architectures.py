@@ -92,6 +92,25 @@ def _text_config(config: Any) -> Any:
     return getter(decoder=True) if getter else config
 
 
+def _frozen_split_sizes(kind: str) -> str | None:
+    """transformers < 5.6 GraniteMoE(-shared) experts (`ParallelExperts`) split the routed rows with
+    `expert_size.tolist()`: the trace freezes the sizes. 5.23 routes them through the experts switch instead.
+    Read from the installed modeling code, so the answer follows the transformers version."""
+    import importlib
+    import inspect
+
+    try:
+        module = importlib.import_module(f"transformers.models.{kind}.modeling_{kind}")
+        source = inspect.getsource(module)
+    except (ImportError, OSError, TypeError):
+        return None
+    if "expert_size = expert_size.tolist()" in source:
+        return ("not supported with this transformers version: its experts split the routed rows with sizes "
+                "taken by .tolist(), which the trace freezes (transformers >= 5.6 converts it; optimum-intel "
+                "patches it)")
+    return None
+
+
 def unsupported(config: Any) -> str | None:
     """Why `config`'s architecture cannot be converted (one line), or None when the pipeline should try it."""
     for kind in (getattr(config, "model_type", ""), getattr(_text_config(config), "model_type", "")):
@@ -99,6 +118,8 @@ def unsupported(config: Any) -> str | None:
         reason = UNSUPPORTED.get(kind) or UNSUPPORTED.get(kind.removesuffix("_text"))
         if reason:
             return reason
+    if getattr(config, "model_type", "") in ("granitemoe", "granitemoeshared"):
+        return _frozen_split_sizes(config.model_type)
     return None
 
 
