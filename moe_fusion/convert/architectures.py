@@ -93,7 +93,7 @@ def _text_config(config: Any) -> Any:
 
 
 def _frozen_split_sizes(kind: str) -> str | None:
-    """transformers < 5.6 GraniteMoE(-shared) experts (`ParallelExperts`) split the routed rows with
+    """transformers 5.5 GraniteMoE(-shared) experts (`ParallelExperts`) split the routed rows with
     `expert_size.tolist()`: the trace freezes the sizes. 5.23 routes them through the experts switch instead.
     Read from the installed modeling code, so the answer follows the transformers version."""
     import importlib
@@ -106,7 +106,7 @@ def _frozen_split_sizes(kind: str) -> str | None:
         return None
     if "expert_size = expert_size.tolist()" in source:
         return ("not supported with this transformers version: its experts split the routed rows with sizes "
-                "taken by .tolist(), which the trace freezes (transformers >= 5.6 converts it; optimum-intel "
+                "taken by .tolist(), which the trace freezes (with transformers 5.23 it converts; optimum-intel "
                 "patches it)")
     return None
 
