@@ -93,7 +93,8 @@ def tiny_config(module: str, class_name: str):
     if getattr(config, "kv_lora_rank", None):  # MLA: a key per query head; RoPE on the rotary part of the head
         config.num_key_value_heads = config.num_attention_heads
         config.qk_head_dim = config.qk_nope_head_dim + config.qk_rope_head_dim
-        config.head_dim = config.qk_rope_head_dim
+        partial = (getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0)
+        config.head_dim = int(config.qk_rope_head_dim / partial)  # Mistral 4 ropes half of head_dim
     for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
         if isinstance(getattr(config, key, None), int) and getattr(config, key) >= config.vocab_size:
             setattr(config, key, 0)
