@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import gc
 import json
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -80,10 +82,11 @@ def convert(hf_dir: str | Path, out: str | Path, *, weight_format: str = "fp32",
     except ImportError as error:
         raise InputError(f'convert needs torch and transformers ({error.name} is missing): '
                          'pip install "moe-fusion[convert]"') from None
-    from moe_fusion.convert import folder, proof, stateful, trace, weights
+    import openvino as ov
+
+    from moe_fusion.convert import folder, proof, stateful, trace
     from moe_fusion.convert import source as src
-    from moe_fusion.fuse import fuse
-    from moe_fusion.lower import lower as lower_model
+    from moe_fusion.io import read_model
 
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
@@ -96,9 +99,13 @@ def convert(hf_dir: str | Path, out: str | Path, *, weight_format: str = "fp32",
 
     say("loading the model (f32)")
     model = src.load(source, config)
-    report = ConvertReport(str(out), type(model).__name__, weight_format, lower)
+    report = ConvertReport(str(out), type(model).__name__, weight_format, lower, seconds=seconds)
     tokenizers = folder.tokenizer_models(source)
     lap("load")
+    say("running the torch model on the proof's inputs (f32)")
+    reference = proof.torch_reference(model)
+    generation_config = getattr(model, "generation_config", None)
+    lap("reference")
     say("tracing (batched_mm experts, KV cache as tensors)")
     try:
         ov_model, layout = trace.trace(model)
@@ -107,16 +114,37 @@ def convert(hf_dir: str | Path, out: str | Path, *, weight_format: str = "fp32",
                          f"{_line(error)}") from None
     stateful.make_stateful(ov_model, layout.input_names(), layout.output_names())
     report.states = len(ov_model.get_sinks())
-    lap("trace")
-    say("proving the conversion against torch (f32)")
-    verdict = proof.prove_conversion(model, ov_model)
-    report.proof_worst, report.proof_cases = verdict.worst, verdict.cases
-    if not verdict.ok:
-        raise ConversionError(f"the converted model differs from torch: {verdict.reason}; nothing written")
-    generation_config = getattr(model, "generation_config", None)
-    del model
-    gc.collect()
-    lap("proof")
+    # The traced model shares its weights with torch's: saved beside OUT and read back memory-mapped, neither
+    # the f32 torch model nor a second copy of its weights is held from here on.
+    out.resolve().parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.traced.", dir=out.resolve().parent))
+    try:
+        ov.save_model(ov_model, staging / "traced.xml", compress_to_fp16=False)
+        del model, ov_model
+        gc.collect()
+        ov_model = read_model(staging / "traced.xml")
+        lap("trace")
+        say("proving the conversion against torch (f32)")
+        verdict = proof.prove_conversion(reference, ov_model)
+        report.proof_worst, report.proof_cases = verdict.worst, verdict.cases
+        if not verdict.ok:
+            raise ConversionError(f"the converted model differs from torch: {verdict.reason}; nothing written")
+        lap("proof")
+        _finish(ov_model, source, out, report, tokenizers, generation_config, lap, say)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    report.seconds = seconds
+    return report
+
+
+def _finish(ov_model, source: Path, out: Path, report: ConvertReport, tokenizers, generation_config, lap,
+            say: Progress) -> None:
+    """Weights, fuse, lower, write."""
+    from moe_fusion.convert import folder, weights
+    from moe_fusion.fuse import fuse
+    from moe_fusion.lower import lower as lower_model
+
+    weight_format, lower = report.weight_format, report.lower
     say(f"fusing MoE blocks and compressing weights ({weight_format})")
     fuse_report, notes = weights.fuse_and_compress(ov_model, weight_format, fuse)
     report.fuse, report.compression = fuse_report, notes
@@ -127,12 +155,9 @@ def convert(hf_dir: str | Path, out: str | Path, *, weight_format: str = "fp32",
         report.lowered = {k: str(v) for k, v in lowered.lowered.items()}
         lap("lower")
     say(f"writing {out}")
-    report.seconds = seconds
     folder.write(ov_model, source, out, report_json=report.to_json(), generation_config=generation_config,
                  tokenizers=tokenizers)
     lap("write")
-    report.seconds = seconds
-    return report
 
 
 def _line(error: BaseException) -> str:

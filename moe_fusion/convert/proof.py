@@ -63,9 +63,18 @@ def _compare(proof: ConversionProof, case: str, step: str, got: np.ndarray, want
                    f"{RELATIVE_TOLERANCE:g})")
 
 
-def _run_case(proof: ConversionProof, case: str, model: torch.nn.Module, request: ov.InferRequest,
-              ids: np.ndarray, mask: np.ndarray) -> None:
-    request.reset_state()
+@dataclass
+class Step:
+    """One model call of a case: its inputs and torch's logits (compared where `keep`)."""
+
+    name: str
+    inputs: dict[str, np.ndarray]
+    logits: np.ndarray
+    keep: np.ndarray
+
+
+def _torch_case(model: torch.nn.Module, ids: np.ndarray, mask: np.ndarray) -> list[Step]:
+    """The calls of one case and torch's logits for each: prefill, then STEPS greedy decode steps."""
     batch = ids.shape[0]
     beam = np.arange(batch, dtype=np.int32)
     positions = _positions(mask)
@@ -73,9 +82,9 @@ def _run_case(proof: ConversionProof, case: str, model: torch.nn.Module, request
         out = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
                     position_ids=torch.from_numpy(positions), use_cache=True)
     cache, want = out.past_key_values, out.logits.float().numpy()
-    got = request.infer({"input_ids": ids, "attention_mask": mask, "position_ids": positions,
-                         "beam_idx": beam})["logits"]
-    _compare(proof, case, f"prefill of {ids.shape[1]}", got, want, mask.astype(bool))
+    steps = [Step(f"prefill of {ids.shape[1]}", {"input_ids": ids, "attention_mask": mask,
+                                                 "position_ids": positions, "beam_idx": beam},
+                  want, mask.astype(bool))]
     for step in range(1, STEPS + 1):
         token = want[:, -1].argmax(-1)[:, None].astype(np.int64)
         mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
@@ -85,25 +94,37 @@ def _run_case(proof: ConversionProof, case: str, model: torch.nn.Module, request
             out = model(input_ids=torch.from_numpy(token), attention_mask=torch.from_numpy(mask),
                         position_ids=torch.from_numpy(position), past_key_values=cache, use_cache=True)
         cache, want = out.past_key_values, out.logits.float().numpy()
-        got = request.infer({"input_ids": token, "attention_mask": mask, "position_ids": position,
-                             "beam_idx": beam})["logits"]
-        _compare(proof, case, f"decode step {step}", got, want, np.ones(token.shape, bool))
-    proof.cases.append(case)
+        steps.append(Step(f"decode step {step}", {"input_ids": token, "attention_mask": mask,
+                                                  "position_ids": position, "beam_idx": beam},
+                          want, np.ones(token.shape, bool)))
+    return steps
 
 
-def prove_conversion(model: torch.nn.Module, ov_model: ov.Model, core: ov.Core | None = None,
-                     seed: int = 0) -> ConversionProof:
-    """Compare `ov_model` (stateful, as converted) with `model` on the cases above."""
-    proof = ConversionProof()
-    compiled = (core or ov.Core()).compile_model(ov_model, "CPU", F32)
-    request = compiled.create_infer_request()
+def torch_reference(model: torch.nn.Module, seed: int = 0) -> dict[str, list[Step]]:
+    """Every case's calls and torch's logits, computed before the trace so that the torch model can be freed
+    before OpenVINO compiles the converted one (memory: the two are never held at once beyond the trace)."""
     rng = np.random.default_rng(seed)
     vocab = model.config.vocab_size
+    cases = {}
     for tokens in (1, 16):
         ids = rng.integers(0, vocab, (1, tokens)).astype(np.int64)
-        _run_case(proof, f"prefill {tokens}", model, request, ids, np.ones_like(ids))
+        cases[f"prefill {tokens}"] = _torch_case(model, ids, np.ones_like(ids))
     ids = rng.integers(0, vocab, (2, 8)).astype(np.int64)
     mask = np.ones_like(ids)
     mask[1, :3] = 0
-    _run_case(proof, "left-padded batch of 2", model, request, ids, mask)
+    cases["left-padded batch of 2"] = _torch_case(model, ids, mask)
+    return cases
+
+
+def prove_conversion(reference: dict[str, list[Step]], ov_model: ov.Model, core: ov.Core | None = None) \
+        -> ConversionProof:
+    """Run `ov_model` (stateful, as converted) through the reference's calls and compare with torch's logits."""
+    proof = ConversionProof()
+    request = (core or ov.Core()).compile_model(ov_model, "CPU", F32).create_infer_request()
+    for case, steps in reference.items():
+        request.reset_state()
+        for step in steps:
+            got = request.infer(step.inputs)["logits"]
+            _compare(proof, case, step.name, got, step.logits, step.keep)
+        proof.cases.append(case)
     return proof
