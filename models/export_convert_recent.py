@@ -9,7 +9,7 @@ them: it requires transformers < 5.6), made by models/export_convert.py's recipe
 | deploy-minimaxm2 | MiniMax-M2: qk-norm over all heads, sigmoid router with correction bias, partial RoPE |
 | deploy-mistral4 | Mistral 4: MLA with YaRN RoPE; no AutoModelForCausalLM mapping (loaded by `architectures`) |
 | deploy-exaonemoe | EXAONE-MoE: sliding and full layers (window 4 < the 11-token prompt), a shared expert |
-| deploy-cohere2moe | Cohere2-MoE: sliding and full layers (window 4), parallel attention and MoE, no RoPE on full layers |
+| deploy-cohere2moe | Cohere2-MoE: sliding and full layers (window 4), no RoPE on the full layer |
 
 The sliding windows are smaller than the prompt on purpose: under openvino-genai's default PagedAttention
 backend the window survives only if the traced mask has the shape OpenVINO reads it from
