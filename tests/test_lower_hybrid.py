@@ -97,3 +97,18 @@ def test_bf16_storage_is_the_rounding_the_plugin_applies_at_bf16_inference(rng):
     bits = np.asarray(stored.get_tensor_view().data).view(np.uint16).astype(np.uint32) << 16
     np.testing.assert_array_equal(np.swapaxes(bits.view(np.float32), 1, 2), used)
     assert not np.array_equal(used, w.astype(np.float32))  # the rounding is real: f16 has 3 more bits
+
+
+def test_check_compares_a_bf16_hybrid_as_bf16_weights():
+    """Lowered for a bf16 CPU, hybrid's decode weights are rounded to bf16 (what bf16 inference computes with);
+    `check` at f32 then uses the bf16 weight tolerance (rtol 2e-3 of each output's scale) rather than f32's
+    1e-4, which the rounding alone exceeds on real layers, and says so in its report."""
+    _, fused = fused_fixture("gen1-qwen3moe")
+    model = fused.clone()
+    assert lower(model, HYBRID, cpu=BF16_CPU).decode_weights == "bf16"
+    result = check(fused, model, tokens=(1, 4), steps=1, fused_experts="run")
+    assert result.weight_type == "bf16" and result.rtol >= 2e-3
+    assert result.equivalent, result.reason
+    exact = fused.clone()
+    lower(exact, HYBRID, cpu=F32_CPU)
+    assert check(fused, exact, tokens=(1,), steps=0, fused_experts="run").weight_type == "f32"

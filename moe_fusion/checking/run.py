@@ -26,6 +26,7 @@ from moe_fusion.facts import is_stateful, stored_bytes, vocab_size, weight_type
 from moe_fusion.graph import output_name
 from moe_fusion.io import InputError, first_line, load
 from moe_fusion.isolate import WorkerCrash, run_isolated
+from moe_fusion.lower import RT_INFO
 from moe_fusion.runtime import run_config
 
 MODES = ("whole", "layers")
@@ -113,6 +114,8 @@ def check(
         raise InputError(f"{label_a} is a {broken.summary(found)}")
     model_b, label_b = _as_model(fused, "fused")
     wtype = weight_type(model_a)
+    if wtype in ("f32", "f16") and _decode_weights(model_b) == "bf16":
+        wtype = "bf16"  # a hybrid lowering for bf16 inference stores its decode weights rounded to bf16
     default_atol, default_rtol = DEFAULT_TOLERANCES[wtype]
     atol = default_atol if atol is None else float(atol)
     rtol = max(default_rtol, PRECISION_RTOL[precision]) if rtol is None else float(rtol)
@@ -163,3 +166,8 @@ def _fail(report: CheckReport, reason: str, start: float) -> CheckReport:
     report.seconds = time.perf_counter() - start
     return report
 
+
+def _decode_weights(model: ov.Model) -> str:
+    """The precision a `hybrid` lowering stored its decode weights in (moe_fusion.lower's rt_info), or ''."""
+    path = [RT_INFO, "lowering", "decode_weights"]
+    return model.get_rt_info(path).astype(str) if model.has_rt_info(path) else ""
