@@ -91,10 +91,12 @@ def blocks_or_declines(found: Iterable, build: Callable[[dict], MoEBlock]) -> It
 class Weight:
     """One FusedExperts weight input: per-slot `[in, out]` arrays (biases `[out]`), storage type kept.
 
-    `convert_to` is the element type of the decompression Convert the original had (None: used as is)."""
+    `convert_to` is the element type of the decompression Convert the original had (None: used as is).
+    `storage`: the stored element type when the arrays cannot say it (bf16: numpy holds its bits as float16)."""
 
     parts: list[np.ndarray]
     convert_to: ov.Type | None = None
+    storage: ov.Type | None = None
 
 
 @dataclass

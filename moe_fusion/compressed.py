@@ -44,6 +44,17 @@ def is_plain(value: ov.Output) -> bool:
     return node.get_type_name() == "Constant" and node.get_element_type() not in _PACKED and not _quantized(value)
 
 
+def plain_weight(value: ov.Output) -> tuple[np.ndarray, dict]:
+    """A plain weight's (`is_plain`) stored array and the `Weight` fields that keep its storage: the Convert's
+    type, and bf16 named (numpy shows bf16 as float16 bits)."""
+    convert_to = None
+    if value.get_node().get_type_name() == "Convert":
+        convert_to, value = value.get_element_type(), value.get_node().input_value(0)
+    node = value.get_node()
+    storage = ov.Type.bf16 if node.get_element_type() == ov.Type.bf16 else None
+    return np.asarray(node.get_data()), {"convert_to": convert_to, "storage": storage}
+
+
 def _quantized(value: ov.Output) -> bool:
     source = value.get_node().input_value(0) if value.get_node().get_type_name() == "Convert" else value
     return source.get_element_type().is_integral()

@@ -36,7 +36,8 @@ def stacked(weight: Weight, order: list[int], rank: int = 2) -> ov.Output:
         array = scratch.empty((len(order), *parts[0].shape), parts[0].dtype)
         for slot, i in enumerate(order):
             _copy(array[slot], parts[i])
-    node = scratch.constant(array)
+    node = scratch.constant(array) if weight.storage is None else \
+        scratch.packed_constant(array, weight.storage, list(array.shape))
     if weight.convert_to is None:
         return node
     return compressed.mark_decompression(ops.convert(node, weight.convert_to)).output(0)

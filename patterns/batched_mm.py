@@ -27,7 +27,7 @@ import numpy as np
 import openvino as ov
 
 from moe_fusion.block import Decline, MoEBlock, Weight, blocks_or_declines
-from moe_fusion.compressed import is_plain
+from moe_fusion.compressed import is_plain, plain_weight
 from moe_fusion.pattern import any_input, const, either, matches, op, reshaped, same, strip, swish, swish_beta, weight
 from moe_fusion.reference import GEMM2_BIAS_SWIGLU_CLAMP
 from moe_fusion.trace import Walk, consumers, indices_port, is_swish, producers
@@ -108,8 +108,8 @@ def _scalar(value: ov.Output) -> float | None:
     return float(data[0]) if data.size == 1 else None
 
 
-def _stacked(values: dict, name: str, router) -> tuple[np.ndarray, ov.Type | None, bool]:
-    """The stacked weight behind `name`'s Gather as `[E, in, out]`, its decompression Convert type, and
+def _stacked(values: dict, name: str, router) -> tuple[np.ndarray, dict, bool]:
+    """The stacked weight behind `name`'s Gather as `[E, in, out]`, its storage (Weight fields), and
     whether the batched MatMul read it as bmm(W, x) (weights `[E, out, in]`)."""
     matmul = values[name + "_matmul"].get_node()
     gather = values[name + "_gather"].get_node()
@@ -118,10 +118,7 @@ def _stacked(values: dict, name: str, router) -> tuple[np.ndarray, ov.Type | Non
     source = gather.input_value(0)
     if not is_plain(source):
         raise Decline(f"{name} weights are integer-compressed (not supported in this form yet)", gather, router)
-    convert_to = None
-    if source.get_node().get_type_name() == "Convert":
-        convert_to, source = source.get_element_type(), source.get_node().input_value(0)
-    data = source.get_node().get_data()
+    data, kind = plain_weight(source)
     if data.ndim != 3:
         raise Decline(f"{name} weights are not stacked [E, ., .]", gather, router)
     attrs = matmul.get_attributes()
@@ -131,7 +128,7 @@ def _stacked(values: dict, name: str, router) -> tuple[np.ndarray, ov.Type | Non
         raise Decline(f"{name} batched MatMul transposes its activation", matmul, router)
     # y = W @ x reads W as [out, in]; y = x @ W as [in, out]; a transpose flag flips either.
     out_in = weight_first != transposed
-    return (np.swapaxes(data, -1, -2) if out_in else data), convert_to, weight_first
+    return (np.swapaxes(data, -1, -2) if out_in else data), kind, weight_first
 
 
 def _routing(values: dict) -> tuple[ov.Node, ov.Output, int]:
@@ -161,15 +158,15 @@ def _routing(values: dict) -> tuple[ov.Node, ov.Output, int]:
 
 
 def _matrices(values: dict, num_experts: int, router) -> tuple:
-    """gate_up and down `[E, in, out]` with their decompression Convert types."""
-    gate_up, gate_up_convert, weight_first = _stacked(values, "gate_up", router)
-    down, down_convert, down_first = _stacked(values, "down", router)
+    """gate_up and down `[E, in, out]` with their storage (Weight fields: decompression Convert, bf16)."""
+    gate_up, gate_up_kind, weight_first = _stacked(values, "gate_up", router)
+    down, down_kind, down_first = _stacked(values, "down", router)
     if weight_first != down_first:
         raise Decline("the two batched MatMuls disagree on the weights' side", values["down_matmul"].get_node(), router)
     if gate_up.shape[0] != num_experts or down.shape[0] != num_experts:
         raise Decline(f"stacked weights hold {gate_up.shape[0]} and {down.shape[0]} experts, the router "
                       f"{num_experts}", values["gate_up_gather"].get_node(), router)
-    return gate_up, gate_up_convert, down, down_convert
+    return gate_up, gate_up_kind, down, down_kind
 
 
 def _new_block(values: dict, router, indices, num_experts: int, weights: dict, **attributes) -> MoEBlock:
@@ -193,16 +190,16 @@ def _new_block(values: dict, router, indices, num_experts: int, weights: dict, *
 
 def _block(values: dict) -> MoEBlock:
     router, indices, num_experts = _routing(values)
-    gate_up, gate_up_convert, down, down_convert = _matrices(values, num_experts, router)
+    gate_up, gate_up_kind, down, down_kind = _matrices(values, num_experts, router)
     gate, up = _halves(values, gate_up, router)
-    weights = {"w_gate": Weight([gate], gate_up_convert), "w_up": Weight([up], gate_up_convert),
-               "w_down": Weight([down], down_convert)}
+    weights = {"w_gate": Weight([gate], **gate_up_kind), "w_up": Weight([up], **gate_up_kind),
+               "w_down": Weight([down], **down_kind)}
     return _new_block(values, router, indices, num_experts, weights, expert_beta=swish_beta(values))
 
 
 def _gemm2(values: dict) -> MoEBlock:
     router, indices, num_experts = _routing(values)
-    gate_up, gate_up_convert, down, down_convert = _matrices(values, num_experts, router)
+    gate_up, gate_up_kind, down, down_kind = _matrices(values, num_experts, router)
     width = gate_up.shape[-1]
     starts = {}
     for lane in ("gate_slice", "up_slice"):
@@ -227,27 +224,24 @@ def _gemm2(values: dict) -> MoEBlock:
         raise Decline("the Swish beta is not a constant", values["swish"].get_node(), router)
     biases = {}
     for name, size in (("gate_up_bias", width), ("down_bias", down.shape[-1])):
-        bias, convert_to, _ = _stacked_bias(values, name, router)
+        bias, kind = _stacked_bias(values, name, router)
         if bias.shape != (num_experts, size):
             raise Decline(f"{name} {list(bias.shape)} is not [{num_experts}, {size}]", router, router)
-        biases[name] = Weight([bias], convert_to)
-    weights = {"w_gate_up": Weight([gate_up], gate_up_convert), "b_gate_up": biases["gate_up_bias"],
-               "w_down": Weight([down], down_convert), "b_down": biases["down_bias"]}
+        biases[name] = Weight([bias], **kind)
+    weights = {"w_gate_up": Weight([gate_up], **gate_up_kind), "b_gate_up": biases["gate_up_bias"],
+               "w_down": Weight([down], **down_kind), "b_down": biases["down_bias"]}
     return _new_block(values, router, indices, num_experts, weights, expert_type=GEMM2_BIAS_SWIGLU_CLAMP,
                       expert_alpha=float(limit), expert_beta=float(beta), gate_idx=starts["gate_slice"])
 
 
-def _stacked_bias(values: dict, name: str, router) -> tuple[np.ndarray, ov.Type | None, None]:
+def _stacked_bias(values: dict, name: str, router) -> tuple[np.ndarray, dict]:
     gather = values[name + "_gather"].get_node()
     if _scalar(values[name + "_axis"]) != 0:
         raise Decline(f"{name} is not gathered along the expert axis", gather, router)
     source = gather.input_value(0)
-    convert_to = None
-    if source.get_node().get_type_name() == "Convert":
-        convert_to, source = source.get_element_type(), source.get_node().input_value(0)
-    if source.get_node().get_type_name() != "Constant":
+    if not is_plain(source):
         raise Decline(f"{name} is not a constant", gather, router)
-    return np.asarray(source.get_node().get_data()), convert_to, None
+    return plain_weight(source)
 
 
 def _halves(values: dict, gate_up: np.ndarray, router) -> tuple[np.ndarray, np.ndarray]:

@@ -115,21 +115,22 @@ def convert(hf_dir: str | Path, out: str | Path, *, weight_format: str = "fp32",
     stateful.make_stateful(ov_model, layout.input_names(), layout.output_names())
     report.states = len(ov_model.get_sinks())
     # The traced model shares its weights with torch's: saved beside OUT and read back memory-mapped, neither
-    # the f32 torch model nor a second copy of its weights is held from here on.
+    # the torch model nor a second copy of its weights is held from here on. The proof compiles it in a
+    # process of its own (proof.prove_saved), whose memory is returned when it ends.
     out.resolve().parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.traced.", dir=out.resolve().parent))
     try:
         ov.save_model(ov_model, staging / "traced.xml", compress_to_fp16=False)
         del model, ov_model
         gc.collect()
-        ov_model = read_model(staging / "traced.xml")
         lap("trace")
         say("proving the conversion against torch (f32)")
-        verdict = proof.prove_conversion(reference, ov_model)
+        verdict = proof.prove_saved(reference, str(staging / "traced.xml"))
         report.proof_worst, report.proof_cases = verdict.worst, verdict.cases
         if not verdict.ok:
             raise ConversionError(f"the converted model differs from torch: {verdict.reason}; nothing written")
         lap("proof")
+        ov_model = read_model(staging / "traced.xml")
         _finish(ov_model, source, out, report, tokenizers, generation_config, lap, say)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

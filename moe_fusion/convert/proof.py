@@ -116,6 +116,20 @@ def torch_reference(model: torch.nn.Module, seed: int = 0) -> dict[str, list[Ste
     return cases
 
 
+def prove_saved(reference: dict[str, list[Step]], xml: str) -> ConversionProof:
+    """`prove_conversion` of the model saved at `xml`, in a process of its own: the CPU plugin keeps what it
+    compiled (an f32 copy of the experts, for this f32 proof) after the model is gone, until its process ends."""
+    from moe_fusion.isolate import run_isolated
+
+    return run_isolated(_prove_file, reference, xml)
+
+
+def _prove_file(reference: dict[str, list[Step]], xml: str) -> ConversionProof:
+    from moe_fusion.io import read_model
+
+    return prove_conversion(reference, read_model(xml))
+
+
 def prove_conversion(reference: dict[str, list[Step]], ov_model: ov.Model, core: ov.Core | None = None) \
         -> ConversionProof:
     """Run `ov_model` (stateful, as converted) through the reference's calls and compare with torch's logits."""

@@ -72,9 +72,11 @@ def model_class(config: dict) -> Any:
 
 
 def load(folder: Path, config: dict) -> Any:
-    """The model in f32, eval mode, with `batched_mm` experts; InputError when the weights do not load."""
-    import torch
+    """The model in eval mode, computing in f32 with its weights as the checkpoint stores them (16-bit weights
+    stay 16-bit: storage.py); InputError when the weights do not load."""
     import transformers
+
+    from moe_fusion.convert.storage import SIXTEEN_BIT, checkpoint_dtype, compute_in_f32
 
     cls = model_class(config)
     try:
@@ -88,9 +90,12 @@ def load(folder: Path, config: dict) -> Any:
     if reason:
         raise InputError(f"{folder}: {hf_config.model_type}: {reason}")
     try:
-        model = cls.from_pretrained(folder, config=hf_config, dtype=torch.float32, trust_remote_code=False)
+        dtype = checkpoint_dtype(config)
+        model = cls.from_pretrained(folder, config=hf_config, dtype=dtype, trust_remote_code=False)
     except Exception as error:  # any failure here is "the weights do not load", said in one line
         raise InputError(f"{folder}: the weights do not load: {type(error).__name__}: {first_line(error)}") from None
     if not any(name.endswith("experts") for name, _ in model.named_modules()):
         raise InputError(f"{folder}: {hf_config.model_type} has no experts module; {DENSE}")
+    if dtype in SIXTEEN_BIT:
+        compute_in_f32(model)
     return model.eval()

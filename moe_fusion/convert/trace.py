@@ -25,6 +25,7 @@ import openvino as ov
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from moe_fusion.compressed import mark_decompression
 from moe_fusion.convert import architectures
 from moe_fusion.convert.fixes import conversion_fixes, fixes_needed, padded_rows_attend
 
@@ -139,4 +140,14 @@ def trace(model: torch.nn.Module) -> tuple[ov.Model, CacheLayout]:
         raise RuntimeError(f"the trace has {len(converted.outputs)} outputs, expected {len(names)}")
     for output, name in zip(converted.outputs, names, strict=True):
         output.get_tensor().set_names({name})
+    _mark_16bit_weights(converted)
     return converted, layout
+
+
+def _mark_16bit_weights(model: ov.Model) -> None:
+    """16-bit weights (storage.py) reach the f32 graph through Convert: marked as their decompression, so
+    OpenVINO keeps them 16-bit instead of folding an f32 copy at compile time."""
+    for op in model.get_ops():
+        if op.get_type_name() == "Convert" and op.input_value(0).get_node().get_type_name() == "Constant" \
+                and op.get_input_element_type(0) in (ov.Type.bf16, ov.Type.f16):
+            mark_decompression(op)

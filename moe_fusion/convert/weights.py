@@ -1,5 +1,8 @@
 """Fusing, with the weight format applied so that the experts stay compressed.
 
+- A 16-bit checkpoint traces with its weights 16-bit (storage.py): `Convert(Constant bf16|f16)`. fp32 turns them
+  into f32 constants; fp16 stores bf16 ones as f16 (a constant beyond f16's range stays bf16, said in the
+  notes); int8/int4 leave them to NNCF, which reads them through their Convert.
 - fp32: fuse as traced.
 - fp16: every f32 constant stored as f16 + Convert (what `ov.save_model(compress_to_fp16=True)` does), then
   fuse: the per-block proof runs on the f16 weights, and the fused experts keep them compressed.
@@ -18,6 +21,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 
+import numpy as np
 import openvino as ov
 
 INT4_GROUP = 128
@@ -25,10 +29,58 @@ MIN_GROUP = 16
 COMPRESSED = {ov.Type.u8: "int8", ov.Type.i8: "int8", ov.Type.u4: "int4", ov.Type.i4: "int4"}
 
 
-def to_fp16(model: ov.Model) -> None:
+F16_MAX = 65504.0
+BLOCK = 1 << 22  # elements converted at a time: the f32 transient of a re-stored constant stays ~16 MB
+
+
+def to_fp16(model: ov.Model) -> list[str]:
     from openvino._offline_transformations import compress_model_transformation
 
+    notes = restore(model, ov.Type.f16)
     compress_model_transformation(model)
+    return notes
+
+
+def restore(model: ov.Model, target: ov.Type) -> list[str]:
+    """Re-store the 16-bit weights the trace kept (`Convert(Constant bf16|f16)`) as `target`: f32 (the Convert
+    folded away) or f16 (bf16 values rounded to f16, behind the same Convert). Returns notes."""
+    kept = 0
+    for convert in model.get_ops():
+        if convert.get_type_name() != "Convert" or convert.get_output_element_type(0) != ov.Type.f32:
+            continue
+        const = convert.input_value(0).get_node()
+        if const.get_type_name() != "Constant" or const.get_element_type() not in (ov.Type.bf16, ov.Type.f16) \
+                or const.get_element_type() == target:
+            continue
+        tensor = _restored(const, target)
+        if tensor is None:
+            kept += 1
+            continue
+        stored = ov.op.Constant(tensor)
+        stored.set_friendly_name(const.get_friendly_name())
+        if target == ov.Type.f32:
+            convert.output(0).replace(stored.output(0))
+        else:
+            convert.input(0).replace_source_output(stored.output(0))
+    model.validate_nodes_and_infer_types()
+    return [f"fp16: {kept} bf16 weights hold values beyond f16's range; kept bf16"] if kept else []
+
+
+def _restored(const: ov.Node, target: ov.Type) -> ov.Tensor | None:
+    """`const`'s values as a `target` tensor, converted a block at a time (no whole f32 copy); None when f16
+    cannot hold them."""
+    bf16 = const.get_element_type() == ov.Type.bf16
+    data = const.get_data().reshape(-1)
+    data = data.view(np.uint16) if bf16 else data  # get_data shows bf16 as float16 bits
+    tensor = ov.Tensor(target, const.get_output_shape(0))
+    out = tensor.data.reshape(-1)
+    for start in range(0, data.size, BLOCK):
+        chunk = data[start : start + BLOCK]
+        values = (chunk.astype(np.uint32) << 16).view(np.float32) if bf16 else chunk.astype(np.float32)
+        if target == ov.Type.f16 and np.abs(values[np.isfinite(values)]).max(initial=0.0) > F16_MAX:
+            return None
+        out[start : start + BLOCK] = values
+    return tensor
 
 
 def nncf_compress(model: ov.Model, weight_format: str) -> ov.Model:
@@ -65,8 +117,10 @@ def fuse_and_compress(model: ov.Model, weight_format: str, fuse: Callable) -> tu
     """Fuse every MoE block of `model` in place with its weights in `weight_format`; (fuse report, notes)."""
     notes: list[str] = []
     if weight_format == "fp16":
-        to_fp16(model)
+        notes += to_fp16(model)
         notes.append("fp16: every f32 weight stored as f16 (decompressed at run time)")
+    elif weight_format == "fp32":
+        restore(model, ov.Type.f32)
     if weight_format not in ("int8", "int4"):
         report = fuse(model)
         kinds = expert_weights(model)

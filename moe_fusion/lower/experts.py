@@ -77,24 +77,24 @@ def as_type(value: ov.Output, element_type: ov.Type) -> ov.Output:
 def transposed_constant(const: ov.Node, store: ov.Type | None = None) -> ov.Output:
     """A Constant `[E, in, out]` copied out-major `[E, out, in]` (done once here, not at every compile), in
     its own type or as `store` (f32: exact from f16/bf16; bf16: rounded to nearest even, as the CPU plugin
-    converts f16/f32 weights for bf16 inference)."""
+    converts f16/f32 weights for bf16 inference). One expert at a time: no whole-weight f32 transient."""
     element_type = const.get_element_type()
     data = const.get_data()
     if element_type == ov.Type.bf16:  # get_data shows bf16 as float16: move the raw bits
         data = data.view(np.uint16)
-    shape = [data.shape[0], data.shape[2], data.shape[1]]
-    if store is not None and store != element_type:
-        data = _as_store(const, store)
-        element_type = store
-    tensor = ov.Tensor(element_type, ov.Shape(shape))
-    tensor.data.view(data.dtype)[...] = np.swapaxes(data, 1, 2)  # one strided copy into the new storage
+    target = store if store is not None else element_type
+    tensor = ov.Tensor(target, ov.Shape([data.shape[0], data.shape[2], data.shape[1]]))
+    for expert, part in enumerate(data):
+        if target != element_type:
+            part = _as_store(part, element_type, target)
+        tensor.data.view(part.dtype)[expert] = part.T  # one strided copy into the new storage
     return ov.op.Constant(tensor).output(0)
 
 
-def _as_store(const: ov.Node, store: ov.Type) -> np.ndarray:
-    """A float Constant's values as `store` (f32 as float32; bf16 as its raw uint16 bits)."""
-    values = const.get_data()
-    if const.get_element_type() == ov.Type.bf16:
+def _as_store(values: np.ndarray, element_type: ov.Type, store: ov.Type) -> np.ndarray:
+    """Float values stored as `element_type` (bf16: its raw uint16 bits) as `store` (f32 as float32; bf16 as
+    its raw uint16 bits)."""
+    if element_type == ov.Type.bf16:
         values = (values.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
     values = values.astype(np.float32)
     if store == ov.Type.f32:
