@@ -36,8 +36,11 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def _memory(pid: int) -> tuple[int, int]:
-    rss = anon = 0
+def _memory(pid: int) -> tuple[int, int, int]:
+    """RSS, RssAnon and Pss of `pid` and its descendants, summed. RSS counts a file page every process maps
+    (the weights the proof workers read from the parent's files) once per process; Pss shares it out, so
+    its sum is what the processes hold together."""
+    rss = anon = pss = 0
     for process in _children(pid):
         try:
             for line in Path(f"/proc/{process}/status").read_text().splitlines():
@@ -45,9 +48,12 @@ def _memory(pid: int) -> tuple[int, int]:
                     rss += int(line.split()[1]) * 1024
                 elif line.startswith("RssAnon:"):
                     anon += int(line.split()[1]) * 1024
+            for line in Path(f"/proc/{process}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    pss += int(line.split()[1]) * 1024
         except OSError:
             continue
-    return rss, anon
+    return rss, anon, pss
 
 
 def bf16_bytes(folder: Path) -> int:
@@ -67,15 +73,15 @@ def main() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     start = time.perf_counter()
     child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    peak_rss = peak_anon = 0
-    stages: dict[str, list[int]] = {}  # progress message -> peak RSS, RssAnon until the next one
+    peak_rss = peak_anon = peak_pss = 0
+    stages: dict[str, list[int]] = {}  # progress message -> peak RSS, RssAnon, Pss until the next one
     stage, lines = "start", []
     os.set_blocking(child.stderr.fileno(), False)
     while child.poll() is None:
-        rss, anon = _memory(child.pid)
-        peak_rss, peak_anon = max(peak_rss, rss), max(peak_anon, anon)
-        seen = stages.setdefault(stage, [0, 0])
-        seen[0], seen[1] = max(seen[0], rss), max(seen[1], anon)
+        rss, anon, pss = _memory(child.pid)
+        peak_rss, peak_anon, peak_pss = max(peak_rss, rss), max(peak_anon, anon), max(peak_pss, pss)
+        seen = stages.setdefault(stage, [0, 0, 0])
+        seen[:] = max(seen[0], rss), max(seen[1], anon), max(seen[2], pss)
         for line in iter(child.stderr.readline, ""):
             lines.append(line)
             stage = line.strip()[:60]
@@ -83,8 +89,8 @@ def main() -> None:
     wall = time.perf_counter() - start
     stdout, rest = child.communicate()
     stderr = "".join(lines) + rest
-    for name, (rss, anon) in stages.items():
-        print(f"  {name:60} peak RSS {rss / 1e9:6.2f} GB, RssAnon {anon / 1e9:6.2f} GB")
+    for name, (rss, anon, pss) in stages.items():
+        print(f"  {name:60} peak RSS {rss / 1e9:6.2f} GB, RssAnon {anon / 1e9:6.2f} GB, Pss {pss / 1e9:6.2f} GB")
     if child.returncode:
         sys.exit(f"convert failed ({child.returncode}): {stderr.strip().splitlines()[-1]}")
     report = json.loads((out / "moe_fusion_report.json").read_text())
@@ -93,7 +99,8 @@ def main() -> None:
     print(f"load average: {Path('/proc/loadavg').read_text().strip()}")
     print(f"wall {wall:.1f} s; stages {report['conversion']['seconds']}")
     print(f"model bf16 {model / 1e9:.2f} GB; peak RSS {peak_rss / 1e9:.2f} GB = {peak_rss / model:.2f}x; "
-          f"peak RssAnon {peak_anon / 1e9:.2f} GB = {peak_anon / model:.2f}x")
+          f"peak RssAnon {peak_anon / 1e9:.2f} GB = {peak_anon / model:.2f}x; "
+          f"peak Pss {peak_pss / 1e9:.2f} GB = {peak_pss / model:.2f}x")
     print(f"per billion parameters: {wall / (model / 2e9):.1f} s, peak RSS {peak_rss / (model / 2):.2f} GB")
     print(f"output .bin {(out / 'openvino_model.bin').stat().st_size / 1e9:.2f} GB")
 

@@ -35,8 +35,10 @@ NON_FINITE = "8 tokens with NaN, +Inf, -Inf rows and a row with one NaN element"
 
 
 # Rows per run when the unfused block holds memory per token (MoEBlock.bytes_per_token): both workers at
-# once, each within this share of the memory available.
+# once, each within this share of the memory available, and at most ROWS_MEMORY_MAX (more rows per run save
+# little time: a run's cost is its rows' gathers; fewer keep `convert`'s peak near the model's size).
 ROWS_MEMORY_SHARE = 0.2
+ROWS_MEMORY_MAX = 1 << 30
 
 
 def _f32(data: np.ndarray | None) -> np.ndarray | None:
@@ -182,7 +184,7 @@ def plan_runs(block: MoEBlock, cases: list[Case]) -> list[list[Case]]:
     limit = max([sum(len(c.rows) for c in together), *(len(c.rows) for c in cases)])
     if block.bytes_per_token:
         memory = min(host.available_memory(), 64 << 30)  # "unknown" is no limit there: take 64 GB
-        limit = max(1, int(memory * ROWS_MEMORY_SHARE) // block.bytes_per_token)
+        limit = max(1, min(int(memory * ROWS_MEMORY_SHARE), ROWS_MEMORY_MAX) // block.bytes_per_token)
     runs = [cases[:1]]
     for group in [together] + [[c] for c in cases[1:] if c.alone]:
         runs += _pieces(group, limit)
