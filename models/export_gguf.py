@@ -25,7 +25,7 @@ answering "qwen2" (the pre-tokenizer only matters to text input, which the bench
 
 `hf_layer_weights(folder, weight_type)` reads the layer's router and experts from the folder into
 models/bench_models.py's LayerWeights (f16: the bf16 values, exact but for the few below f16's normal
-range, |x| < 6.1e-5, ~0.2% of them, which lose low bits; int4: those quantised by
+range, |x| < 6.1e-5, 0.02% of them, which lose low bits; int4: those quantised by
 bench_models' asymmetric group-128 scheme, as NNCF's int4_asym), so benchmarks/lowering.py builds its forms
 from the same weights the GGUF holds.
 
