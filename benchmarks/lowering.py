@@ -5,6 +5,7 @@ native path, FusedExperts lowered, and ONNX Runtime's fused MoE kernel.
                                   [--targets auto,per-expert,hybrid,cpu,tiled,grouped] [--prefill 128,512]
                                   [--precision default|f32|bf16] [--reference] [--no-ort]
                                   [--one-at-a-time auto|yes|no] [--profile] [--transpose-op] [--per-expert]
+                                  [--peer-dir DIR --llama-bench PATH]
     benchmarks/lowering_all.sh      # both shapes, f16 and int4, under the benchmark lock
 
 Runtime memory per form: the bytes of the form's weights (its constants; for ONNX Runtime what the session
@@ -30,6 +31,19 @@ forms alike. One at a time (`--one-at-a-time yes`, or `auto` when the estimated 
 exceeds MemAvailable, e.g. Mixtral's 2.8 GB of f16 experts): compile a form, time its rounds, drop it, next
 form; still all in one run, but load changes between forms land on one form only (the log prints the load
 average after each). The FusedExperts numpy kernel (`--reference`) is timed on its own either way, with 3 rounds.
+
+llama.cpp as a peer (benchmarks/peer_llamacpp.py): with `--peer-dir DIR` (written by models/export_gguf.py)
+the layer's router and experts are read from DIR's Hugging Face folder (the Qwen3 shape; f16 = its bf16
+values exactly, int4 = those quantised here), and with `--llama-bench PATH` (or $LLAMA_BENCH) llama-bench
+times DIR's GGUF of the same weights (BF16 for f16, Q4_0 for int4; the one-attention-head model, the MoE
+nearly alone, and the Qwen3-30B-A3B-attention one) with as many threads as OpenVINO uses, one llama-bench
+invocation of --llama-reps repetitions (after its warm-up) per GGUF after every round of the forms: in interleaved mode
+after each round of all forms, one at a time after each round of the form being timed. Each form is thus
+paired with the llama.cpp samples taken during its own rounds, so load from other processes lands on both
+sides of a ratio alike. llama.cpp's rows: prefill and decode medians over all its invocations of the run,
+memory = the llama-bench process's peak RSS; a last table compares each form's decode and prefill with
+llama.cpp's paired samples and its memory with the stored weights (issue 19: decode <= 1.1x llama.cpp at the
+same weight type, memory <= 1.5x the stored weights).
 """
 
 from __future__ import annotations
@@ -44,7 +58,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -54,7 +68,10 @@ import openvino as ov
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.ort_moe import OrtForm, ort_moe_model
+from benchmarks.peer_llamacpp import Peer, llama_bench_path
 from models.bench_models import SHAPES, WEIGHT_TYPES, LayerWeights, layer_weights, loop_layer, tiled_layer
+from models.export_gguf import NAME as GGUF_NAME
+from models.export_gguf import hf_layer_weights
 from moe_fusion import host
 from moe_fusion.compressed import mark_decompression
 from moe_fusion.fusing import fuse
@@ -74,6 +91,7 @@ class Row:
     max_rel: float = 0.0  # largest |difference| vs the loop original, relative to its scale (prefill)
     memory_gb: float = 0.0  # weights held + peak RSS growth of compile and the first inference
     first_s: float = 0.0  # compile + the first prefill (FullyConnected packs its weights then, GatherMatmul at compile)
+    paired: dict = field(default_factory=dict)  # llama.cpp label -> (prefill ms, decode ms) over the form's rounds
 
 
 def constant_bytes(model: ov.Model) -> int:
@@ -205,24 +223,40 @@ def profile(form: Timed, inputs: dict, top: int = 6) -> str:
     return "\n".join(lines)
 
 
-def measure(forms: list[Timed], inputs: dict, runs: int) -> list[Row]:
-    """Interleaved: every form compiled and alive at once, rounds running each form in turn."""
+def measure(forms: list[Timed], inputs: dict, runs: int, peers: list[Peer] = (), reps: int = 1) -> list[Row]:
+    """Interleaved: every form compiled and alive at once, rounds running each form in turn (and one
+    llama-bench invocation of each peer after every round)."""
+    since = [len(peer.runs) for peer in peers]
     for _ in range(runs):  # the first inference of every shape ran when the form was made
         for phase, x in inputs.items():
             for form in forms:
                 form.run(phase, x)
+        for peer in peers:
+            _peer_round(peer, reps)
     first = next(p for p in inputs if p.startswith("prefill"))
     want = forms[0].output(inputs[first])
+    for form in forms:
+        _pair(form.row, peers, since)
     return [form.finish(want, form.output(inputs[first])) for form in forms]
 
 
-def measure_alone(form: Timed, inputs: dict, runs: int) -> np.ndarray:
-    """One form on its own (one-at-a-time mode): warm-up, then `runs` rounds of prefill and decode.
-    Returns its prefill output."""
+def measure_alone(form: Timed, inputs: dict, runs: int, peers: list[Peer] = (), reps: int = 1) -> np.ndarray:
+    """One form on its own (one-at-a-time mode): warm-up, then `runs` rounds of prefill and decode, each
+    followed by one llama-bench invocation of each peer. Returns its prefill output."""
+    since = [len(peer.runs) for peer in peers]
     for _ in range(runs):
         for phase, x in inputs.items():
             form.run(phase, x)
+        for peer in peers:
+            _peer_round(peer, reps)
+    _pair(form.row, peers, since)
     return form.output(inputs[next(p for p in inputs if p.startswith("prefill"))])
+
+
+def _pair(row: Row, peers: list[Peer], since: list[int]) -> None:
+    for peer, start in zip(peers, since, strict=True):
+        prefill, decode, _ = peer.medians(start)
+        row.paired[peer.label] = (prefill, decode)
 
 
 def timed(fn: Callable[[], ov.Model]) -> tuple[ov.Model, float]:
@@ -347,8 +381,16 @@ def main() -> None:
                         help="also time the per-expert target (same as adding per-expert to --targets)")
     parser.add_argument("--profile", action="store_true",
                         help="PERF_COUNT on: print where one prefill spends its time, per form")
+    parser.add_argument("--peer-dir", type=Path,
+                        help="models/export_gguf.py's output: the layer's weights from its HF folder, and its GGUF "
+                             "files for llama.cpp")
+    parser.add_argument("--llama-bench", help="llama.cpp's llama-bench binary (default: $LLAMA_BENCH)")
+    parser.add_argument("--llama-reps", type=int, default=5,
+                        help="llama-bench repetitions (-r) per invocation; one invocation per GGUF after every round")
     args = parser.parse_args()
     shape = SHAPES[args.layer]
+    if args.peer_dir and args.layer != "qwen3":
+        parser.error("--peer-dir holds the Qwen3 layer only")
     config = {} if args.precision == "default" else {"INFERENCE_PRECISION_HINT": args.precision}
     if args.profile:
         config["PERF_COUNT"] = True
@@ -364,7 +406,12 @@ def main() -> None:
     bandwidth = read_bandwidth()
     threads = os.cpu_count() or 1
     bandwidth_all = read_bandwidth(threads=threads)
-    weights = layer_weights(shape, args.weights)
+    if args.peer_dir:
+        weights = hf_layer_weights(args.peer_dir / GGUF_NAME, args.weights)
+        shape = weights.shape
+        print(f"weights: router and experts of {args.peer_dir / GGUF_NAME} ({args.weights})", flush=True)
+    else:
+        weights = layer_weights(shape, args.weights)
     expert_bytes = weights.expert_bytes()
     layer_bytes = shape.experts * expert_bytes
     decode_floor = 1e3 * shape.top_k * expert_bytes / bandwidth_all
@@ -389,6 +436,7 @@ def main() -> None:
           f"threads); floors at {threads} threads: decode {decode_floor:.2f} ms (K experts, "
           f"{shape.top_k * expert_bytes / 1e6:.0f} MB), all-experts stream {prefill_floor:.1f} ms", flush=True)
 
+    peers = _peers(args, prefills, threads)
     rng = np.random.default_rng(0)
     inputs = {f"prefill-{t}": rng.standard_normal((1, t, shape.hidden), dtype=np.float32) for t in prefills}
     inputs["decode"] = rng.standard_normal((DECODE_STEPS, 1, 1, shape.hidden), dtype=np.float32)
@@ -409,13 +457,13 @@ def main() -> None:
             live.append(form)
             continue
         if live:  # interleaved forms are measured before the numpy reference, then dropped
-            rows += measure(live, inputs, args.runs)
+            rows += measure(live, inputs, args.runs, peers, args.llama_reps)
             want = want if want is not None else live[0].output(inputs[first])
             notes += [profile(f, inputs) for f in live if args.profile]
             live.clear()
             gc.collect()
         got = measure_alone(form, {first: inputs[first], "decode": inputs["decode"]} if by_itself else inputs,
-                            3 if by_itself else args.runs)
+                            3 if by_itself else args.runs, [] if by_itself else peers, args.llama_reps)
         rows.append(form.finish(None if by_itself else want, got))
         if want is None:
             want = got
@@ -428,10 +476,13 @@ def main() -> None:
         del form
         gc.collect()
     if live:
-        rows += measure(live, inputs, args.runs)
+        rows += measure(live, inputs, args.runs, peers, args.llama_reps)
         notes += [profile(f, inputs) for f in live if args.profile]
+    peer_rows = [_peer_row(peer) for peer in peers if peer.runs]
     print("\n".join(notes))
-    _table(rows, prefills, decode_floor, prefill_floor)
+    _table(rows + peer_rows, prefills, decode_floor, prefill_floor)
+    if peers:
+        _peer_targets(rows, peer_rows, peers, layer_bytes / 1e9, prefills[0])
 
 
 def _table(rows: list[Row], prefills: list[int], decode_floor: float, prefill_floor: float) -> None:
@@ -467,6 +518,8 @@ def _targets(rows: list[Row], loop: Row, native: Row, prefills: list[int]) -> No
     print(f"\n{'form':<40} " + " ".join(f"{h:>20}" for h in heads)
           + f" {'decode time vs native':>21} {'memory vs native':>16} {'compile vs native':>17}  targets")
     for r in rows:
+        if r.form.startswith("llama.cpp"):
+            continue
         best = [min(loop.prefill_ms[t], native.prefill_ms[t]) / r.prefill_ms[t] for t in prefills]
         decode, memory = r.decode_ms / native.decode_ms, r.memory_gb / native.memory_gb
         compile_ = r.compile_s / native.compile_s
@@ -475,6 +528,68 @@ def _targets(rows: list[Row], loop: Row, native: Row, prefills: list[int]) -> No
               + f" {decode:>20.2f}x {memory:>15.2f}x {compile_:>16.2f}x  {'ok' if met else 'missed'}")
     print("memory here: in this process (weights held + RSS growth); benchmarks/deployed_memory.py measures the "
           "deployed model's peak RssAnon per form in a fresh process.")
+
+
+def _peers(args: argparse.Namespace, prefills: list[int], threads: int) -> list[Peer]:
+    """llama.cpp peers: the GGUF files of --peer-dir at this weight type, timed by --llama-bench."""
+    binary = llama_bench_path(args.llama_bench)
+    if binary is None:
+        print("llama.cpp: not timed (no --llama-bench)", flush=True)
+        return []
+    if args.peer_dir is None:
+        print("llama.cpp: not timed (no --peer-dir; models/export_gguf.py writes the GGUF files)", flush=True)
+        return []
+    kind = "bf16" if args.weights == "f16" else "q4_0"
+    models = [args.peer_dir / f"{GGUF_NAME}{variant}-{kind}.gguf" for variant in ("-attn1", "")]
+    missing = [m for m in models if not m.is_file()]
+    if missing:
+        raise SystemExit(f"llama.cpp: {', '.join(map(str, missing))} missing (models/export_gguf.py writes them)")
+    peers = [Peer(binary, model, prefills, threads) for model in models]
+    print(f"llama.cpp: {binary}, {threads} threads: " + ", ".join(f"{m.name} {m.stat().st_size / 1e9:.2f} GB"
+                                                                   for m in models), flush=True)
+    return peers
+
+
+def _peer_round(peer: Peer, reps: int) -> None:
+    run = peer.run(reps)
+    prefill = ", ".join(f"{t}: {statistics.median(v):.1f}" for t, v in run.prefill_ms.items())
+    print(f"  {peer.label} {run.build}: prefill {{{prefill}}} ms, decode "
+          f"{statistics.median(run.decode_ms):.2f} ms/token, peak RSS {run.peak_rss_gb:.2f} GB, {run.wall_s:.1f} s "
+          f"wall; load {os.getloadavg()[0]:.1f}", flush=True)
+
+
+def _peer_row(peer: Peer) -> Row:
+    prefill, decode, rss = peer.medians()
+    nan = float("nan")
+    return Row(f"{peer.label} x{len(peer.runs)}", nan, prefill, decode, memory_gb=rss, first_s=nan, max_rel=nan)
+
+
+def _peer_targets(rows: list[Row], peer_rows: list[Row], peers: list[Peer], stored_gb: float, tokens: int) -> None:
+    """Issue 19's peer targets per form: decode time <= 1.1x llama.cpp's at the same weight type (its
+    MoE-alone GGUF, the first peer; the samples paired with the form's rounds), runtime memory <= 1.5x the
+    stored weights (ours: the experts as stored; llama.cpp: the GGUF file)."""
+    labels = [peer.label.removeprefix("llama.cpp ") for peer in peers]
+    heads = [f"dec / {label}" for label in labels] + [f"pre-{tokens} / {label}" for label in labels]
+    print(f"\n{'form (ratios vs llama.cpp paired)':<40} " + " ".join(f"{h:>32}" for h in heads)
+          + f" {'memory / stored':>15}  targets")
+    for r in rows:
+        if not r.paired:
+            continue
+        decode = [r.decode_ms / r.paired[p.label][1] for p in peers]
+        prefill = [r.prefill_ms[tokens] / r.paired[p.label][0][tokens] for p in peers]
+        memory = r.memory_gb / stored_gb
+        met = decode[0] <= 1.1 and memory <= 1.5
+        print(f"{r.form:<40} " + " ".join(f"{v:>31.2f}x" for v in decode + prefill)
+              + f" {memory:>14.2f}x  {'ok' if met else 'missed'}")
+    for peer, p in zip(peers, peer_rows, strict=True):
+        print(f"{p.form:<40} " + " ".join(f"{p.decode_ms / q.decode_ms:>31.2f}x" for q in peer_rows)
+              + " " + " ".join(f"{p.prefill_ms[tokens] / q.prefill_ms[tokens]:>31.2f}x" for q in peer_rows)
+              + f" {p.memory_gb / peer.stored_gb():>14.2f}x")
+    print(f"Ratios < 1: faster than llama.cpp; each form against the llama.cpp samples taken in its own rounds "
+          f"(llama.cpp's rows: against all of them). stored: our experts as stored {stored_gb:.2f} GB; "
+          + ", ".join(f"{p.label} GGUF {p.stored_gb():.2f} GB" for p in peers)
+          + ". Targets: decode <= 1.10x llama.cpp's 1-head-attention GGUF (the MoE nearly alone; the 32-head one "
+          "adds Qwen3-30B-A3B's attention, which our forms lack), memory <= 1.50x stored.")
 
 
 if __name__ == "__main__":
