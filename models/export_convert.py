@@ -65,6 +65,9 @@ SPECS = {
     "gptoss": lambda: C.GptOssConfig(
         **{**BASE, "max_position_embeddings": 131072}, num_experts_per_tok=2, head_dim=16, intermediate_size=I,
         num_local_experts=8, sliding_window=32),
+    # sparsemixer router: two TopK passes, their ids concatenated (patterns/batched_mm.py `_router_topks`)
+    "phimoe": lambda: C.PhimoeConfig(**BASE, num_experts_per_tok=2, intermediate_size=I, num_local_experts=8,
+                                     sliding_window=None),
 }
 
 

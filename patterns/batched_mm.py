@@ -136,14 +136,16 @@ def _routing(values: dict) -> tuple[ov.Node, ov.Output, int]:
     masked_fill are identities on ids of a TopK over E scores (0 <= id < E), slot s reads token s // K, and
     the sum is over the K slots."""
     indices = strip(values["topk_indices"])
-    router = indices.get_node()
-    if router.get_type_name() != "TopK" or indices.get_index() != 1:
-        raise Decline("expert ids do not come straight from a TopK's indices", router)
+    topks = _router_topks(indices)
+    if not topks:
+        raise Decline("expert ids do not come straight from a TopK's indices", indices.get_node())
+    router = topks[0]
+    widths = {str(topk.get_input_partial_shape(0)) for topk in topks}
     width = router.get_input_partial_shape(0)
-    if width.rank.is_dynamic or width.rank.get_length() != 2 or width[-1].is_dynamic:
+    if len(widths) > 1 or width.rank.is_dynamic or width.rank.get_length() != 2 or width[-1].is_dynamic:
         raise Decline("the router's TopK does not select among a static [tokens, experts] score", router, router)
     num_experts = width[-1].get_length()
-    if router.get_attributes()["axis"] not in (-1, 1):
+    if any(topk.get_attributes()["axis"] not in (-1, 1) for topk in topks):
         raise Decline("the router's TopK does not select along the expert axis", router, router)
     clamp = values["clamp"].get_node().get_attributes() if "clamp" in values else {"min": 0, "max": num_experts}
     if clamp["min"] > 0 or clamp["max"] < num_experts - 1:
@@ -155,6 +157,21 @@ def _routing(values: dict) -> tuple[ov.Node, ov.Output, int]:
     if _scalar(values["sum_axis"]) not in (1.0, -2.0):
         raise Decline("the sum is not over the top-k slots", values["sum"].get_node(), router)
     return router, indices, num_experts
+
+
+def _router_topks(indices: ov.Output) -> list[ov.Node]:
+    """The TopKs the expert ids come from: one TopK's indices, or the indices of several TopKs over the same
+    scores' shape concatenated along the slot axis (PhiMoE's sparsemixer picks one expert per pass, twice).
+    Either way every id is in [0, E) and slot k of token t is the k-th id picked for t."""
+    node = indices.get_node()
+    if node.get_type_name() == "TopK" and indices.get_index() == 1:
+        return [node]
+    if node.get_type_name() != "Concat" or node.get_attributes()["axis"] not in (-1, 1):
+        return []
+    parts = [strip(value) for value in node.input_values()]
+    if all(p.get_node().get_type_name() == "TopK" and p.get_index() == 1 for p in parts):
+        return [p.get_node() for p in parts]
+    return []
 
 
 def _matrices(values: dict, num_experts: int, router) -> tuple:
