@@ -154,6 +154,20 @@ def test_a_conversion_that_differs_from_torch_is_refused_and_nothing_is_written(
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
+def test_a_traced_model_openvino_cannot_run_is_refused_in_one_line(qwen3_dir, tmp_path, monkeypatch):
+    from moe_fusion.convert import proof
+
+    def fails(reference, xml):
+        raise RuntimeError("Exception from src/inference/src/cpp/infer_request.cpp:224:\nDimension of data input "
+                           "shape along 'axis': 2 must be evenly divisible by 'num_splits' attribute value: 3")
+
+    monkeypatch.setattr(proof, "prove_saved", fails)
+    out = tmp_path / "out"
+    with pytest.raises(ConversionError, match=r"does not run in OpenVINO: Dimension .* 3; nothing written$"):
+        convert(qwen3_dir, out)
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
 def test_bad_inputs_get_one_line_and_exit_2(qwen3_dir, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from moe_fusion.io import InputError
+from moe_fusion.io import InputError, first_line
 
 Progress = Callable[[str], None]
 
@@ -78,7 +78,7 @@ def convert(hf_dir: str | Path, out: str | Path, *, weight_format: str = "fp32",
     check_out(source, out, force=force)
     try:
         import torch  # noqa: F401
-        import transformers  # noqa: F401
+        import transformers
     except ImportError as error:
         raise InputError(f'convert needs torch and transformers ({error.name} is missing): '
                          'pip install "moe-fusion[convert]"') from None
@@ -103,7 +103,11 @@ def convert(hf_dir: str | Path, out: str | Path, *, weight_format: str = "fp32",
     tokenizers = folder.tokenizer_models(source)
     lap("load")
     say("running the torch model on the proof's inputs (f32)")
-    reference = proof.torch_reference(model)
+    try:
+        reference = proof.torch_reference(model)
+    except Exception as error:  # transformers' own forward fails: nothing to convert, said in one line
+        raise InputError(f"{source}: {model.config.model_type} does not run in transformers "
+                         f"{transformers.__version__}: {type(error).__name__}: {_line(error)}") from None
     generation_config = getattr(model, "generation_config", None)
     lap("reference")
     say("tracing (batched_mm experts, KV cache as tensors)")
@@ -125,7 +129,11 @@ def convert(hf_dir: str | Path, out: str | Path, *, weight_format: str = "fp32",
         gc.collect()
         lap("trace")
         say("proving the conversion against torch (f32)")
-        verdict = proof.prove_saved(reference, str(staging / "traced.xml"))
+        try:
+            verdict = proof.prove_saved(reference, str(staging / "traced.xml"))
+        except RuntimeError as error:  # OpenVINO cannot compile or run the traced model (WorkerCrash included)
+            raise ConversionError(f"the converted model does not run in OpenVINO: {first_line(error)}; "
+                                  "nothing written") from None
         report.proof_worst, report.proof_cases = verdict.worst, verdict.cases
         if not verdict.ok:
             raise ConversionError(f"the converted model differs from torch: {verdict.reason}; nothing written")

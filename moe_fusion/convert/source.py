@@ -39,9 +39,13 @@ def read_config(folder: Path) -> dict:
 
 
 def _flat(config: dict) -> dict:
-    """The config with a nested text config's keys (multimodal wrappers) visible at the top."""
-    text = config.get("text_config")
-    return {**text, **config} if isinstance(text, dict) else config
+    """The config with nested sections' keys visible at the top: a multimodal wrapper's `text_config`, DBRX's
+    `ffn_config` (where its expert count sits)."""
+    nested = [config[key] for key in ("text_config", "ffn_config") if isinstance(config.get(key), dict)]
+    flat = dict(config)
+    for section in nested:
+        flat = {**section, **flat}
+    return flat
 
 
 def has_experts(config: dict) -> bool:
