@@ -4,9 +4,10 @@
     python models/export_scale_hf.py /tmp/scale-hf                      # 2 layers at Qwen3-30B-A3B's MoE dims
     flock /tmp/moe-mem.lock python benchmarks/convert_scale.py /tmp/scale-hf [--weight-format fp32] [--out DIR]
 
-Runs `moe-fusion convert` in a child process and samples every 0.1 s the RSS and RssAnon of it and of all
-its descendants (the fuse proof's worker processes), summed: the peak of that sum is what the machine must
-hold. Prints the stages' times from the report, the peaks, and both relative to the model's bf16 bytes.
+Runs `moe-fusion convert` in a child process and samples every 0.1 s the RSS, RssAnon and Pss of it and of
+all its descendants (the conversion proof's process, the fuse proofs' workers), summed (benchmarks/memory.py
+`usage`). Prints the stages' times from the report, the peaks per stage, and the peaks relative to the model's
+bf16 bytes.
 """
 
 from __future__ import annotations
@@ -21,39 +22,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _children(pid: int) -> list[int]:
-    found, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        found.append(current)
-        try:
-            for task in os.listdir(f"/proc/{current}/task"):
-                todo += [int(c) for c in Path(f"/proc/{current}/task/{task}/children").read_text().split()]
-        except OSError:
-            continue
-    return found
-
-
-def _memory(pid: int) -> tuple[int, int, int]:
-    """RSS, RssAnon and Pss of `pid` and its descendants, summed. RSS counts a file page every process maps
-    (the weights the proof workers read from the parent's files) once per process; Pss shares it out, so
-    its sum is what the processes hold together."""
-    rss = anon = pss = 0
-    for process in _children(pid):
-        try:
-            for line in Path(f"/proc/{process}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    rss += int(line.split()[1]) * 1024
-                elif line.startswith("RssAnon:"):
-                    anon += int(line.split()[1]) * 1024
-            for line in Path(f"/proc/{process}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Pss:"):
-                    pss += int(line.split()[1]) * 1024
-        except OSError:
-            continue
-    return rss, anon, pss
+sys.path.insert(0, str(ROOT))
+from benchmarks.memory import usage  # noqa: E402
 
 
 def bf16_bytes(folder: Path) -> int:
@@ -78,7 +48,8 @@ def main() -> None:
     stage, lines = "start", []
     os.set_blocking(child.stderr.fileno(), False)
     while child.poll() is None:
-        rss, anon, pss = _memory(child.pid)
+        now = usage(child.pid)
+        rss, anon, pss = now["VmRSS"], now["RssAnon"], now["Pss"]
         peak_rss, peak_anon, peak_pss = max(peak_rss, rss), max(peak_anon, anon), max(peak_pss, pss)
         seen = stages.setdefault(stage, [0, 0, 0])
         seen[:] = max(seen[0], rss), max(seen[1], anon), max(seen[2], pss)

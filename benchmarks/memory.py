@@ -67,17 +67,7 @@ def build(folder: Path, layers: int) -> Path:
     return xml
 
 
-def _status(pid: int) -> dict[str, int]:
-    values = {}
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            key, _, rest = line.partition(":")
-            if key in ("RssAnon", "VmRSS"):
-                values[key] = int(rest.split()[0]) * 1024
-    return values
-
-
-def _tree(pid: int) -> list[int]:
+def tree(pid: int) -> list[int]:
     """`pid` and its descendants (the proof's and check's worker processes)."""
     found, stack = [], [pid]
     while stack:
@@ -90,6 +80,24 @@ def _tree(pid: int) -> list[int]:
         except (FileNotFoundError, ProcessLookupError):
             continue
     return found
+
+
+def usage(pid: int) -> dict[str, int]:
+    """VmRSS, RssAnon and Pss (bytes) of `pid` and its descendants, summed. RSS counts a file page once per
+    process that maps it (workers reading the parent's weight files); Pss shares it out, so its sum is what
+    the processes hold together."""
+    total = {"VmRSS": 0, "RssAnon": 0, "Pss": 0}
+    for process in tree(pid):
+        try:
+            for name in ("status", "smaps_rollup"):
+                with open(f"/proc/{process}/{name}") as lines:
+                    for line in lines:
+                        key, _, rest = line.partition(":")
+                        if key in total:
+                            total[key] += int(rest.split()[0]) * 1024
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return total
 
 
 @dataclass
@@ -109,15 +117,9 @@ def measure(command: list[str], check: bool = True) -> Measured:
 
     def sample() -> None:
         while process.poll() is None:
-            total = {"RssAnon": 0, "VmRSS": 0}
-            for pid in _tree(process.pid):
-                try:
-                    for key, value in _status(pid).items():
-                        total[key] += value
-                except (FileNotFoundError, ProcessLookupError):
-                    continue
-            for key, value in total.items():
-                peak[key] = max(peak[key], value)
+            for key, value in usage(process.pid).items():
+                if key in peak:
+                    peak[key] = max(peak[key], value)
             time.sleep(0.02)
 
     sampler = threading.Thread(target=sample)
