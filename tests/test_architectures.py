@@ -32,6 +32,13 @@ def test_attention_architectures_are_tried(kind):
     assert architectures.unsupported(type("Config", (), {"model_type": kind})()) is None
 
 
+def test_an_afmoe_whose_every_layer_slides_is_refused_and_the_released_layout_is_not():
+    every = transformers.AfmoeConfig(num_hidden_layers=2, layer_types=["sliding_attention"] * 2)
+    released = transformers.AfmoeConfig(num_hidden_layers=4)  # every 4th layer full
+    assert "PagedAttention" in architectures.unsupported(every)
+    assert architectures.unsupported(released) is None
+
+
 def test_sliding_layers_are_detected_from_the_config():
     assert architectures.has_sliding_layers(transformers.MixtralConfig(sliding_window=4))
     assert not architectures.has_sliding_layers(transformers.MixtralConfig(sliding_window=None))

@@ -120,6 +120,13 @@ def unsupported(config: Any) -> str | None:
             return reason
     if getattr(config, "model_type", "") in ("granitemoe", "granitemoeshared"):
         return _frozen_split_sizes(config.model_type)
+    kinds = getattr(_text_config(config), "layer_types", None) or []
+    if getattr(config, "model_type", "") == "afmoe" and kinds and set(kinds) == {"sliding_attention"}:
+        # seen: converted and proven equal, right under SDPA, wrong under genai's default PagedAttention
+        # although it received the window on every layer (docs/converting.md, "Open"); released AfMoE configs
+        # have full layers and are right
+        return ("not supported: an AfMoE whose every layer slides generates wrong tokens under openvino-genai's "
+                "PagedAttention (not yet explained); configs with a full-attention layer convert")
     return None
 
 
