@@ -6,8 +6,9 @@ Why an `If` and not one graph: without AMX no single graph found prefills like p
 GatherMatmul (docs/lowering.md). The CPU plugin compiles both bodies and runs only the taken one; the
 condition is one scalar comparison.
 
-Memory: each body holds its own weight constants (an If input is not a constant inside the body, so neither
-FullyConnected nor GatherMatmul would form on it), so the IR file holds the layer twice. At run time each
+Memory: each body holds its own weight constants, so the IR file holds the layer twice. One shared copy (the
+parent's constants fed to both bodies) does reach the kernels, but every variant measured kept ~1 layer more
+anonymous memory at run time (1.50x native's, against 1.01x: docs/lowering.md, "What did not work"). At run time each
 body's kernel packs one copy; the decode body stores plain float weights in the CPU's inference precision
 (`store`), so GatherMatmul packs straight from them instead of also keeping a decompressed copy: the two
 bodies together then hold about what native GatherMatmul alone holds (docs/lowering.md, "Memory").
