@@ -191,3 +191,41 @@ def test_a_block_holding_memory_per_token_is_proven_in_pieces_that_fit(monkeypat
     proof = prove(block, *build(block))
     assert proof.ok and proof.experts_covered == block.num_experts, proof.reason
     assert proof.cases[:3] == ["1 token", "3 tokens: zero row, duplicated row", "80 tokens steered to every expert"]
+
+
+@pytest.fixture
+def original_op_by_op(monkeypatch, mapped_weights):
+    """The original side of a compressed block decompresses op by op on Parameters over its mapped bytes (what
+    a block of many small experts gets, such as Qwen3-30B-A3B's), and only that way: no fallback to Constants."""
+    from moe_fusion.proof import protocol
+
+    monkeypatch.setattr(protocol, "_op_by_op_holds_less", lambda block: True)
+    monkeypatch.setattr(protocol, "COMPRESSED_ORIGINAL_OP_BY_OP", ("dynamic",))
+    return mapped_weights
+
+
+def test_compressed_blocks_take_the_plugin_kernels_unless_op_by_op_holds_less():
+    from moe_fusion.proof import protocol
+    from moe_fusion.proof.protocol import _op_by_op_holds_less
+
+    # fixture-sized experts: one f32 expert matrix is a large share of the stored bytes
+    assert not _op_by_op_holds_less(first_block("gen1-mixtral-int4-g16-asym")[1])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(protocol, "F32_MATRICES_HELD", 0)  # as if each expert were small
+        assert _op_by_op_holds_less(first_block("gen1-mixtral-int4-g16-asym")[1])
+        # stacked weights are read through GatherMatmul, which the plugin runs on Constant weights only
+        assert not _op_by_op_holds_less(first_block("gen1-qwen3moe-norm-int4-g32-asym")[1])
+
+
+@pytest.mark.parametrize("fixture", ["gen1-mixtral-int4-g16-asym", "gen1-mixtral-int8-asym"])
+def test_a_compressed_original_decompressed_op_by_op_proves_and_rejects_faults(fixture, original_op_by_op):
+    from test_faults import GEMM3_FAULTS
+
+    _model, block = first_block(fixture)
+    fused, replacement = build(block)
+    proof = prove(block, fused, replacement)
+    assert proof.ok and proof.experts_covered == block.num_experts, proof.reason
+    for fault in ("gate and up swapped", "routing weights scaled by 0.9"):
+        bad = faulty(fused, GEMM3_FAULTS[fault])
+        proof = prove(block, bad, bad.output(0))
+        assert not proof.ok and proof.reason.startswith("outputs differ on"), (fault, proof.reason)

@@ -26,7 +26,14 @@ from moe_fusion.compressed import Compressed
 from moe_fusion.io import first_line as _first_line
 from moe_fusion.proof.cases import Case, NotTokenRows, design, plan_runs, run_feeds
 from moe_fusion.proof.cut import cut
-from moe_fusion.proof.worker import COMPRESSED, PLAIN, WORKERS, run_cut
+from moe_fusion.proof.worker import (
+    COMPRESSED,
+    COMPRESSED_ORIGINAL_OP_BY_OP,
+    F32_MATRICES_HELD,
+    PLAIN,
+    WORKERS,
+    run_cut,
+)
 
 # Both sides compute in f32 from the same weights and differ in summation order only (GEMMs, the sum
 # over K); measured differences are ~1e-6 of the output's scale. 1e-4 leaves room for long reductions
@@ -62,7 +69,7 @@ class Pending:
     forced: bool
     batches: list[list[Case]]
     folder: str  # the run inputs, the cut-out models and any spilled weights
-    modes: tuple
+    modes: list[tuple]  # the modes each side tries (moe_fusion.proof.worker.run_cut), original first
     target: str
 
 
@@ -93,7 +100,9 @@ def begin(block: MoEBlock, seed: int = 0) -> Pending | Proof:
     except ValueError as error:  # inputs that do not fit the block's shapes
         return _failed(proof, f"block does not run on {cases[0].name}: {error}", set(), set())
     compressed = any(isinstance(part, Compressed) for w in block.weights.values() for part in w.parts)
-    target, modes = COMPRESSED if compressed else PLAIN
+    target, *modes = COMPRESSED if compressed else PLAIN
+    if compressed and _op_by_op_holds_less(block):
+        modes[0] = COMPRESSED_ORIGINAL_OP_BY_OP
     folder = tempfile.mkdtemp(prefix="moe-fusion-proof-")
     arrays = {f"{r}_{i}": array for r, run in enumerate(runs) for i, array in enumerate(run)}
     np.savez(Path(folder) / "feeds.npz", runs=len(runs), **{f"{r}_count": len(run) for r, run in enumerate(runs)},
@@ -103,11 +112,42 @@ def begin(block: MoEBlock, seed: int = 0) -> Pending | Proof:
     return pending
 
 
+def _op_by_op_holds_less(block: MoEBlock) -> bool:
+    """Whether the original side of a compressed block holds less decompressing its experts op by op (a few
+    f32 expert matrices at a time) than the plugin's repacked copy of all its stored weights (at least half
+    their bytes): many small experts (Qwen3-30B-A3B), not a few large ones (Mixtral-8x7B). Per-expert weights
+    only: a stacked weight is read through Gather + MatMul, which the plugin runs on Constant weights only."""
+    stored, largest = 0, 0
+    for weight in block.weights.values():
+        for part in weight.parts:
+            if not isinstance(part, Compressed):
+                continue
+            if part.ndim == 3:
+                return False
+            elements = int(np.prod(part.shape))  # one expert's matrix
+            stored += elements * _storage_bits(part.value) // 8
+            largest = max(largest, elements)
+    return F32_MATRICES_HELD * 4 * largest <= stored // 2
+
+
+def _storage_bits(value: ov.Output) -> int:
+    """The bit width of the Constant a decompression subgraph reads (its first inputs, followed up)."""
+    node = value.get_node()
+    for _ in range(8):
+        if node.get_type_name() == "Constant":
+            return node.get_element_type().bitwidth
+        if node.get_input_size() == 0:
+            break
+        node = node.input_value(0).get_node()
+    return 32  # not found: counted as f32, so the rule leans to the plugin's kernels
+
+
 def _send(pending: Pending, side: int, name: str, model: ov.Model, lowering: str | None) -> None:
     weights = mapped.parameterize(model, mapped.Locator(Path(pending.folder)))
     xml = str(Path(pending.folder) / f"{name}.xml")
     ov.save_model(model, xml, compress_to_fp16=False)
-    WORKERS[side].send(run_cut, xml, weights, str(Path(pending.folder) / "feeds.npz"), lowering, pending.modes)
+    WORKERS[side].send(run_cut, xml, weights, str(Path(pending.folder) / "feeds.npz"), lowering,
+                      pending.modes[side])
 
 
 def cancel(pending: Pending) -> None:

@@ -111,8 +111,19 @@ def start_workers() -> None:
 # per expert, each expert's weight a Parameter converted where it is used. Integer-compressed weights: the
 # plugin's compressed kernels on Constants over the mapped bytes (decompressing them op by op instead keeps
 # every expert's f32 copy alive at once: 3.1 GB for a 0.73 GB int4 Mixtral layer, 1.0 GB this way).
-PLAIN = ("per-expert", ("dynamic", "static", "constant"))
+# (target, modes of the original side, modes of the replacement side)
+PLAIN = ("per-expert", ("dynamic", "static", "constant"), ("dynamic", "static", "constant"))
 
 
-COMPRESSED = ("cpu", ("constant", "dynamic", "static"))
+COMPRESSED = ("cpu", ("constant", "dynamic", "static"), ("constant", "dynamic", "static"))
 
+
+# The original side of an integer-compressed block with many small experts runs its own decompression ops
+# (Convert, Subtract, Multiply) on Parameters over the mapped bytes instead (moe_fusion.proof.protocol
+# chooses): as Constants, the plugin's compressed FullyConnected repacks every expert's weights at its first
+# run with rows (+0.6 GB of anonymous memory for a 0.31 GB int4 Qwen3-30B-A3B layer of 128 experts; that
+# worker peaks at 0.27 GB op by op), while op by op it holds a few f32 expert matrices at a time (measured:
+# about F32_MATRICES_HELD of them; 1.4 GB for Mixtral-8x7B's 8 large experts, which stay Constants). The
+# values are the same f32 ops either way ((u4 - zero point) * f16 scale is even exact in f32).
+COMPRESSED_ORIGINAL_OP_BY_OP = ("dynamic", "static", "constant")
+F32_MATRICES_HELD = 6
