@@ -4,8 +4,9 @@
   into f32 constants; fp16 stores bf16 ones as f16 (a constant beyond f16's range stays bf16, said in the
   notes); int8/int4 leave them to NNCF, which reads them through their Convert.
 - fp32: fuse as traced.
-- fp16: every f32 constant stored as f16 + Convert (what `ov.save_model(compress_to_fp16=True)` does), then
-  fuse: the per-block proof runs on the f16 weights, and the fused experts keep them compressed.
+- fp16: every weight matrix stored as f16 + decompression Convert (vectors such as RoPE's frequencies stay
+  f32: `to_fp16`), then fuse: the per-block proof runs on the f16 weights, and the fused experts keep them
+  compressed.
 - int8 / int4 (NNCF, data-free, as `optimum-cli export openvino --weight-format int8|int4` does by default:
   int8 asymmetric per channel; int4 asymmetric, group 128, ratio 1, embeddings and lm_head int8): NNCF
   compresses MatMul weights, but not the traced `batched_mm` form's stacked weights, which reach their
@@ -23,6 +24,9 @@ from collections.abc import Callable
 
 import numpy as np
 import openvino as ov
+import openvino.opset13 as ops
+
+from moe_fusion.compressed import mark_decompression
 
 INT4_GROUP = 128
 MIN_GROUP = 16
@@ -34,10 +38,27 @@ BLOCK = 1 << 22  # elements converted at a time: the f32 transient of a re-store
 
 
 def to_fp16(model: ov.Model) -> list[str]:
-    from openvino._offline_transformations import compress_model_transformation
-
+    """Weights stored f16: the checkpoint's 16-bit ones re-stored (`restore`), f32 matrices (an f32 checkpoint)
+    compressed behind a decompression Convert. Vectors stay f32: RoPE's inverse frequencies, norms, biases.
+    (OpenVINO's compress_model_transformation also rounds those: at Qwen3-30B-A3B's shape that alone put the
+    logits 2e-3 of their scale off, against 7e-6 for the f16 weights.)"""
     notes = restore(model, ov.Type.f16)
-    compress_model_transformation(model)
+    kept = 0
+    for const in model.get_ops():
+        if const.get_type_name() != "Constant" or const.get_element_type() != ov.Type.f32 \
+                or sum(d > 1 for d in const.get_output_shape(0)) < 2:  # a matrix, not a [1, 1, 64] table
+            continue
+        tensor = _restored(const, ov.Type.f16)
+        if tensor is None:
+            kept += 1
+            continue
+        stored = ov.op.Constant(tensor)
+        stored.set_friendly_name(const.get_friendly_name())
+        widened = mark_decompression(ops.convert(stored, ov.Type.f32))
+        const.output(0).replace(widened.output(0))
+    model.validate_nodes_and_infer_types()
+    if kept:
+        notes.append(f"fp16: {kept} f32 matrices hold values beyond f16's range; kept f32")
     return notes
 
 
@@ -70,7 +91,7 @@ def _restored(const: ov.Node, target: ov.Type) -> ov.Tensor | None:
     """`const`'s values as a `target` tensor, converted a block at a time (no whole f32 copy); None when f16
     cannot hold them."""
     bf16 = const.get_element_type() == ov.Type.bf16
-    data = const.get_data().reshape(-1)
+    data = const.get_data().reshape(-1)  # bf16 / f16 / f32
     data = data.view(np.uint16) if bf16 else data  # get_data shows bf16 as float16 bits
     tensor = ov.Tensor(target, const.get_output_shape(0))
     out = tensor.data.reshape(-1)
@@ -118,7 +139,7 @@ def fuse_and_compress(model: ov.Model, weight_format: str, fuse: Callable) -> tu
     notes: list[str] = []
     if weight_format == "fp16":
         notes += to_fp16(model)
-        notes.append("fp16: every f32 weight stored as f16 (decompressed at run time)")
+        notes.append("fp16: every weight matrix stored as f16 (decompressed at run time); vectors stay f32")
     elif weight_format == "fp32":
         restore(model, ov.Type.f32)
     if weight_format not in ("int8", "int4"):
