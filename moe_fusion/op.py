@@ -18,7 +18,9 @@ from moe_fusion.reference import (
     GEMM2_BIAS_SWIGLU_CLAMP,
     GEMM3_SWIGLU,
     ExpertWeights,
+    bf16_to_f32,
     bf16_weights,
+    f32_to_bf16,
     fused_experts,
 )
 
@@ -216,9 +218,8 @@ def _validate(op: FusedExperts) -> None:
 
 
 def _to_numpy(tensor: ov.Tensor) -> np.ndarray:
-    # Tensor.data shows bf16 as float16 bits: widen the raw bits to float32 instead.
-    if tensor.element_type == ov.Type.bf16:
-        return (tensor.data.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    if tensor.element_type == ov.Type.bf16:  # Tensor.data shows bf16 as float16 bits
+        return bf16_to_f32(tensor.data)
     return tensor.data
 
 
@@ -230,9 +231,7 @@ def _weights(tensor: ov.Tensor) -> np.ndarray | ExpertWeights:
 
 
 def _write(tensor: ov.Tensor, values: np.ndarray) -> None:
-    if tensor.element_type == ov.Type.bf16:  # float32 -> bf16, round to nearest even
-        bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
-        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        tensor.data.view(np.uint16)[...] = rounded.astype(np.uint16)
+    if tensor.element_type == ov.Type.bf16:
+        tensor.data.view(np.uint16)[...] = f32_to_bf16(values)
     else:
         tensor.data[...] = values

@@ -52,6 +52,21 @@ class ExpertWeights:
         return self.shape[0]
 
 
+def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
+    """bf16 values from their uint16 bits (how numpy shows an OpenVINO bf16 tensor: as float16), exactly: bf16
+    is the high half of a float32."""
+    return (bits.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def f32_to_bf16(values: np.ndarray) -> np.ndarray:
+    """float32 values as bf16 uint16 bits, rounded to nearest even as OpenVINO rounds; NaN stays NaN (the
+    rounding carry would turn some NaN payloads into -0 or Inf)."""
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    bits = values.view(np.uint32)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    return np.where(np.isnan(values), np.uint16(0x7FC0), rounded)
+
+
 def bf16_weights(bits: np.ndarray) -> ExpertWeights:
     """bf16 weights as stored (their uint16 bits), widened exactly to float32 per expert."""
     bits = bits.view(np.uint16)

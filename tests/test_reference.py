@@ -189,3 +189,14 @@ def test_widening_buffers_kept_between_calls_up_to_a_cap(rng, monkeypatch):
     monkeypatch.setattr(reference, "_KEEP_BYTES", 100)
     np.testing.assert_array_equal(fused_experts(x, rw, idx, half, *attrs, threads=1), want)
     assert reference.spare_buffers == []
+
+
+def test_bf16_bits_widen_exactly_and_round_to_nearest_even_keeping_nan():
+    from moe_fusion.reference import bf16_to_f32, f32_to_bf16
+
+    values = np.array([1.0, -2.5, 3.0e38, 1.00390625, 1.01171875], np.float32)  # ties: to even
+    assert f32_to_bf16(values).tolist() == [0x3F80, 0xC020, 0x7F62, 0x3F80, 0x3F82]
+    exact = np.array([1.0, -2.5, 1.015625, -0.0], np.float32)  # representable in bf16: round trip unchanged
+    np.testing.assert_array_equal(bf16_to_f32(f32_to_bf16(exact)), exact)
+    payload_nan = np.array([0x7FFFFFFF, 0xFFFFFFFF], np.uint32).view(np.float32)  # the carry would give -0 / NaN
+    assert np.isnan(bf16_to_f32(f32_to_bf16(payload_nan))).all()

@@ -94,7 +94,7 @@ def load(folder: Path, config: dict) -> Any:
     if reason:
         raise InputError(f"{folder}: {hf_config.model_type}: {reason}")
     try:
-        dtype = checkpoint_dtype(config)
+        dtype = checkpoint_dtype(_flat(config))
         model = cls.from_pretrained(folder, config=hf_config, dtype=dtype, trust_remote_code=False)
     except Exception as error:  # any failure here is "the weights do not load", said in one line
         raise InputError(f"{folder}: the weights do not load: {type(error).__name__}: {first_line(error)}") from None

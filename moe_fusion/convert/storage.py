@@ -27,10 +27,9 @@ class _Upcast(torch.nn.Module):
 
 
 def checkpoint_dtype(config: dict) -> torch.dtype:
-    """The dtype the checkpoint's weights are stored in (config.json's `dtype`/`torch_dtype`), f32 if it
-    names none or another."""
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
-    name = config.get("dtype") or config.get("torch_dtype") or text.get("dtype") or text.get("torch_dtype")
+    """The dtype the checkpoint's weights are stored in (config.json's `dtype`/`torch_dtype`, nested sections
+    flattened by the caller), f32 if it names none or another."""
+    name = config.get("dtype") or config.get("torch_dtype")
     return NAMES.get(str(name).removeprefix("torch."), torch.float32)
 
 

@@ -27,6 +27,7 @@ import openvino as ov
 import openvino.opset13 as ops
 
 from moe_fusion.compressed import mark_decompression
+from moe_fusion.reference import bf16_to_f32
 
 INT4_GROUP = 128
 MIN_GROUP = 16
@@ -91,13 +92,12 @@ def _restored(const: ov.Node, target: ov.Type) -> ov.Tensor | None:
     """`const`'s values as a `target` tensor, converted a block at a time (no whole f32 copy); None when f16
     cannot hold them."""
     bf16 = const.get_element_type() == ov.Type.bf16
-    data = const.get_data().reshape(-1)  # bf16 / f16 / f32
-    data = data.view(np.uint16) if bf16 else data  # get_data shows bf16 as float16 bits
+    data = const.get_data().reshape(-1)  # bf16 (shown as float16 bits) / f16 / f32
     tensor = ov.Tensor(target, const.get_output_shape(0))
     out = tensor.data.reshape(-1)
     for start in range(0, data.size, BLOCK):
         chunk = data[start : start + BLOCK]
-        values = (chunk.astype(np.uint32) << 16).view(np.float32) if bf16 else chunk.astype(np.float32)
+        values = bf16_to_f32(chunk) if bf16 else chunk.astype(np.float32)
         if target == ov.Type.f16 and np.abs(values[np.isfinite(values)]).max(initial=0.0) > F16_MAX:
             return None
         out[start : start + BLOCK] = values

@@ -20,7 +20,7 @@ from openvino.utils.node_factory import NodeFactory
 
 from moe_fusion.compressed import mark_decompression
 from moe_fusion.lower.policy import LowerError
-from moe_fusion.reference import GEMM2_BIAS_SWIGLU_CLAMP, GEMM3_SWIGLU
+from moe_fusion.reference import GEMM2_BIAS_SWIGLU_CLAMP, GEMM3_SWIGLU, bf16_to_f32, f32_to_bf16
 
 I64_MAX = np.iinfo(np.int64).max
 _OPSET4 = NodeFactory("opset4")
@@ -94,16 +94,12 @@ def transposed_constant(const: ov.Node, store: ov.Type | None = None) -> ov.Outp
 def _as_store(values: np.ndarray, element_type: ov.Type, store: ov.Type) -> np.ndarray:
     """Float values stored as `element_type` (bf16: its raw uint16 bits) as `store` (f32 as float32; bf16 as
     its raw uint16 bits)."""
-    if element_type == ov.Type.bf16:
-        values = (values.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-    values = values.astype(np.float32)
+    values = bf16_to_f32(values) if element_type == ov.Type.bf16 else values.astype(np.float32)
     if store == ov.Type.f32:
         return values
     if store != ov.Type.bf16:
         raise LowerError(f"weights cannot be stored as {store}")
-    bits = values.view(np.uint32)
-    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
-    return np.where(np.isnan(values), np.uint16(0x7FC0), rounded)
+    return f32_to_bf16(values)
 
 
 def is_swap_last_two(node: ov.Node) -> bool:
