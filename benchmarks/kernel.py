@@ -35,7 +35,7 @@ import openvino as ov
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from models.bench_models import SHAPES, WEIGHT_TYPES, LayerWeights, fused_layer, layer_weights
+from models.bench_models import SHAPES, SYM_ZERO, WEIGHT_TYPES, LayerWeights, fused_layer, layer_weights
 from moe_fusion.io import core
 from moe_fusion.lower import DEFAULT_TARGET, lower
 from moe_fusion.reference import ExpertWeights, fused_experts
@@ -82,14 +82,15 @@ def router(weights: LayerWeights, x: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return rw.astype(np.float32), idx
 
 
-def int4_experts(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> ExpertWeights:
+def int4_experts(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray | None) -> ExpertWeights:
     """int4 weights as stored (codes [E, out, groups, group] packed two per byte, low nibble first; f16
     scale and zero point per group), decompressed per expert to f32 `(code - zero) * scale`, `[in, out]`
     (the values models/bench_models.py's reference computes; OpenVINO's decompression subgraph rounds the
     product to f16 first, the CPU plugin's compressed kernels do not)."""
     e, out, groups, group = codes.shape
     packed = codes[..., 0::2] | (codes[..., 1::2] << 4)  # what a u4 Constant stores
-    scale32, zero8 = scale.astype(np.float32), zero.astype(np.int8)
+    scale32 = scale.astype(np.float32)
+    zero8 = np.full((e, 1, groups, 1), SYM_ZERO, np.int8) if zero is None else zero.astype(np.int8)  # int4-sym
 
     local = threading.local()  # per thread, a buffer reused expert after expert (see ExpertWeights)
 

@@ -1,7 +1,7 @@
 """Compile time, prefill and decode latency and runtime memory of one MoE layer: unfused originals, OpenVINO's
 native path, FusedExperts lowered, and ONNX Runtime's fused MoE kernel.
 
-    python benchmarks/lowering.py [--layer qwen3|mixtral] [--weights f16|int4] [--runs 5]
+    python benchmarks/lowering.py [--layer qwen3|mixtral] [--weights f16|int4|int4-sym] [--runs 5]
                                   [--targets auto,per-expert,hybrid,cpu,tiled,grouped] [--prefill 128,512]
                                   [--precision default|f32|bf16] [--reference] [--no-ort]
                                   [--one-at-a-time auto|yes|no] [--profile] [--transpose-op] [--per-expert]
@@ -14,8 +14,8 @@ before each form through /proc/self/clear_refs).
 
 Builds the layer (models/bench_models.py) as the per-expert loop an optimum-intel 1.x export holds (F1) and
 as the tiled form OpenVINO's CPU plugin runs natively as GatherMatmul (F2), fuses the loop into FusedExperts
-(moe_fusion.fuse; f16 or NNCF-style int4 weights, which stay compressed) and lowers it to each target
-(moe_fusion.lower; `auto`, the default, is resolved for this CPU and labelled with the form it chose; a
+(moe_fusion.fuse; f16 or NNCF-style int4 weights, asymmetric or `int4-sym`, which stay compressed) and lowers
+it to each target (moe_fusion.lower; `auto`, the default, is resolved for this CPU and labelled with the form it chose; a
 target it coincides with is timed once), builds ONNX Runtime's `com.microsoft.MoE` (f32 weights) or `QMoE`
 (int4) layer (benchmarks/ort_moe.py), all in this one run, and prints per form: compile time, prefill (T=128,
 and 512 at Qwen3) and decode (T=1)
@@ -35,8 +35,8 @@ average after each). The FusedExperts numpy kernel (`--reference`) is timed on i
 llama.cpp as a peer (benchmarks/peer_llamacpp.py): with `--peer-dir DIR` (written by models/export_gguf.py)
 the layer's router and experts are read from DIR's Hugging Face folder (the Qwen3 shape; f16 = its bf16
 values exactly, int4 = those quantised here), and with `--llama-bench PATH` (or $LLAMA_BENCH) llama-bench
-times DIR's GGUF of the same weights (BF16 for f16, Q4_0 for int4; the one-attention-head model, the MoE
-nearly alone, and the Qwen3-30B-A3B-attention one) with as many threads as OpenVINO uses, one llama-bench
+times DIR's GGUF of the same weights (BF16 for f16, Q4_0 for int4 and int4-sym; the one-attention-head model,
+the MoE nearly alone, and the Qwen3-30B-A3B-attention one) with as many threads as OpenVINO uses, one llama-bench
 invocation of --llama-reps repetitions (after its warm-up) per GGUF after every round of the forms: in interleaved mode
 after each round of all forms, one at a time after each round of the form being timed. Each form is thus
 paired with the llama.cpp samples taken during its own rounds, so load from other processes lands on both

@@ -34,11 +34,14 @@ def _nibbles(codes: np.ndarray) -> np.ndarray:
     return (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
 
 
-def _int4(weights: LayerWeights, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(packed codes [E, out, in/2], scales [E, out, in/128] f16, packed zero points [E, out, in/256])."""
+def _int4(weights: LayerWeights, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(packed codes [E, out, in/2], scales [E, out, in/128] f16, packed zero points [E, out, in/256]; None for
+    int4-sym: QMoE's 4-bit weights without zero points are code - 8, the codes bench_models stores)."""
     codes = getattr(weights, name)  # [E, out, groups, 128]
     scale, zero = weights.scales[name]  # [E, out, groups, 1]
     e, out, groups, _ = codes.shape
+    if zero is None:
+        return _nibbles(codes.reshape(e, out, -1)), np.ascontiguousarray(scale[..., 0]), None
     zeros = zero[..., 0]
     if groups % 2:
         zeros = np.concatenate([zeros, np.zeros((e, out, 1), np.uint8)], -1)
@@ -72,9 +75,12 @@ def ort_moe_model(weights: LayerWeights, folder: Path) -> Path:
         op = "QMoE"
         attrs.update(expert_weight_bits=4, block_size=INT4_GROUP, accuracy_level=0)
         (g, gs, gz), (u, us, uz), (d, ds, dz) = (_int4(weights, n) for n in ("gate", "up", "down"))
-        tensors = {"fc1": _interleaved(g, u), "fc1_scales": _interleaved(gs, us), "fc2": d, "fc2_scales": ds,
-                   "fc1_zp": _interleaved(gz, uz), "fc2_zp": dz}
-        inputs = ["x2", "logits", "fc1", "fc1_scales", "", "fc2", "fc2_scales", "", "", "", "", "fc1_zp", "fc2_zp"]
+        tensors = {"fc1": _interleaved(g, u), "fc1_scales": _interleaved(gs, us), "fc2": d, "fc2_scales": ds}
+        zero_points = ["", ""]
+        if gz is not None:
+            tensors.update(fc1_zp=_interleaved(gz, uz), fc2_zp=dz)
+            zero_points = ["fc1_zp", "fc2_zp"]
+        inputs = ["x2", "logits", "fc1", "fc1_scales", "", "fc2", "fc2_scales", "", "", "", "", *zero_points]
         if not s.normalize:  # QMoE on CPU (1.32) renormalises the top-k weights whatever the attribute says;
             inputs += ["", "probs"]  # explicit routing weights (softmax over all experts) keep them as they are
     data = folder / "weights.bin"

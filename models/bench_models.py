@@ -10,7 +10,9 @@ the layer's expert sum `[B, S, H]`, with the router (softmax -> top-k -> optiona
 Weights are generated out-major (`[E, out, in]`, nn.Linear's layout), stored f16 behind a decompression
 Convert (what `--weight-format fp16` exports hold) or int4 with group-wise scales (NNCF's int4_asym
 layout: u4 `[E, out, groups, group]` -> Convert -> Subtract zero point -> Multiply scale -> Reshape ->
-Convert). Values are random (speed does not depend on them) but scaled like a trained layer.
+Convert), or symmetric int4 (`int4-sym`: NNCF's int4_sym, the kind of llama.cpp's Q4_0: i4 -> Convert ->
+Multiply scale -> Reshape -> Convert, no zero point). Values are random (speed does not depend on them) but
+scaled like a trained layer.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ SHAPES = {
     "mixtral": LayerShape("Mixtral-8x7B", 4096, 14336, 8, 2, True),
     "small": LayerShape("small", 256, 128, 16, 4, False),  # for tests of this module
 }
-WEIGHT_TYPES = ("f16", "int4")
+WEIGHT_TYPES = ("f16", "int4", "int4-sym")
+SYM_ZERO = 8  # int4-sym codes are stored 0..15 here, the value being code - 8 (an i4 constant in the graph)
 INT4_GROUP = 128
 
 
@@ -54,8 +57,13 @@ class LayerWeights:
     up: np.ndarray
     down: np.ndarray
     router: np.ndarray
-    # int4: per matrix (scale [E, out, groups, 1] f16, zero point [E, out, groups, 1] u4 stored as u8)
+    # int4: per matrix (scale [E, out, groups, 1] f16, zero point [E, out, groups, 1] u4 stored as u8);
+    # int4-sym: (scale, None)
     scales: dict | None = None
+
+    @property
+    def symmetric(self) -> bool:
+        return self.weight_type == "int4-sym"
 
     def expert_bytes(self) -> int:
         """Bytes one expert's three matrices occupy as stored (int4: packed nibbles + f16 scales + zero points)."""
@@ -64,7 +72,7 @@ class LayerWeights:
         if self.weight_type == "f16":
             return 2 * elements
         groups = elements // INT4_GROUP
-        return elements // 2 + groups * 2 + groups // 2
+        return elements // 2 + groups * 2 + (0 if self.symmetric else groups // 2)
 
 
 def _random(rng: np.random.Generator, shape: tuple[int, ...], fan_in: int) -> np.ndarray:
@@ -92,8 +100,8 @@ def layer_weights(shape: LayerShape, weight_type: str = "f16", seed: int = 0, di
     rng = np.random.default_rng(seed)
     e, h, i = shape.experts, shape.hidden, shape.intermediate
     shapes = {"gate": ((e, i, h), h), "up": ((e, i, h), h), "down": ((e, h, i), i)}
-    if distinct and weight_type == "int4":
-        return _distinct_int4(shape, shapes, rng)
+    if distinct and weight_type != "f16":
+        return _distinct_int4(shape, shapes, rng, weight_type)
     make = _distinct_f16 if distinct else _random
     gate, up, down = (make(rng, *shapes[n]) for n in ("gate", "up", "down"))
     router = (rng.standard_normal((e, h), dtype=np.float32) * 0.5 / np.sqrt(h)).astype(np.float32)
@@ -101,13 +109,14 @@ def layer_weights(shape: LayerShape, weight_type: str = "f16", seed: int = 0, di
         return LayerWeights(shape, weight_type, gate, up, down, router)
     scales, packed = {}, []
     for name, w in (("gate", gate), ("up", up), ("down", down)):
-        q, scale, zero = _quantize_int4(w)
+        q, scale, zero = _quantize_int4(w, symmetric=weight_type == "int4-sym")
         scales[name] = (scale, zero)
         packed.append(q)
     return LayerWeights(shape, weight_type, *packed, router, scales)
 
 
-def _distinct_int4(shape: LayerShape, shapes: dict, rng: np.random.Generator) -> LayerWeights:
+def _distinct_int4(shape: LayerShape, shapes: dict, rng: np.random.Generator,
+                   weight_type: str = "int4") -> LayerWeights:
     """Random int4 codes, zero points and scales drawn directly (quantising distinct f16 weights of a
     Mixtral layer would need ~10 GB of f32 temporaries)."""
     router = (rng.standard_normal((shape.experts, shape.hidden), dtype=np.float32) * 0.5 / np.sqrt(shape.hidden))
@@ -117,16 +126,22 @@ def _distinct_int4(shape: LayerShape, shapes: dict, rng: np.random.Generator) ->
         grouped = (e, out, inp // INT4_GROUP)
         codes = np.frombuffer(rng.bytes(e * out * inp), np.uint8).reshape(*grouped, INT4_GROUP) & 0x0F
         scale = (rng.random((*grouped, 1), dtype=np.float32) + 0.5) * 4.0 / 15.0 / np.sqrt(fan_in)
-        zero = rng.integers(6, 10, size=(*grouped, 1), dtype=np.uint8)
+        zero = None if weight_type == "int4-sym" else rng.integers(6, 10, size=(*grouped, 1), dtype=np.uint8)
         packed.append(codes)
         scales[name] = (scale.astype(np.float16), zero)
-    return LayerWeights(shape, "int4", *packed, router.astype(np.float32), scales)
+    return LayerWeights(shape, weight_type, *packed, router.astype(np.float32), scales)
 
 
-def _quantize_int4(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Asymmetric int4 per group of INT4_GROUP input columns: (codes u8 0..15 [E, out, g, gs], scale, zero)."""
+def _quantize_int4(w: np.ndarray, symmetric: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """int4 per group of INT4_GROUP input columns: (codes u8 0..15 [E, out, g, gs], scale, zero). Asymmetric:
+    its own zero point per group; symmetric (zero None): value = (code - 8) x scale, scale = max|w| / 8
+    (NNCF's int4_sym, llama.cpp's Q4_0)."""
     e, out, inp = w.shape
     grouped = w.astype(np.float32).reshape(e, out, inp // INT4_GROUP, INT4_GROUP)
+    if symmetric:
+        scale = np.maximum(np.abs(grouped).max(-1, keepdims=True), 1e-6) / SYM_ZERO
+        codes = np.clip(np.round(grouped / scale) + SYM_ZERO, 0, 15).astype(np.uint8)
+        return codes, scale.astype(np.float16), None
     low, high = grouped.min(-1, keepdims=True), grouped.max(-1, keepdims=True)
     scale = np.maximum(high - low, 1e-6) / 15.0
     zero = np.clip(np.round(-low / scale), 0, 15)
@@ -134,11 +149,12 @@ def _quantize_int4(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return codes, scale.astype(np.float16), zero.astype(np.uint8)
 
 
-def _u4_constant(codes: np.ndarray) -> ov.Output:
-    """A u4 Constant from codes 0..15 (one per byte): packed two per byte, low nibble first."""
+def _u4_constant(codes: np.ndarray, kind: ov.Type = ov.Type.u4) -> ov.Output:
+    """A u4 Constant from codes 0..15 (one per byte): packed two per byte, low nibble first. i4: the codes are
+    the two's-complement nibbles (int4-sym: (code - 8) & 15)."""
     flat = codes.reshape(-1)
     packed = (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8)
-    tensor = ov.Tensor(ov.Type.u4, ov.Shape(list(codes.shape)))
+    tensor = ov.Tensor(kind, ov.Shape(list(codes.shape)))
     tensor.data.view(np.uint8)[...] = packed.reshape(tensor.data.shape)
     return ov.op.Constant(tensor).output(0)
 
@@ -159,9 +175,13 @@ def _matrix(weights: LayerWeights, name: str, expert: int | None) -> ov.Output:
         return ops.convert(_const(part), ov.Type.f32).output(0)
     scale, zero = weights.scales[name]
     if expert is not None:
-        scale, zero = scale[expert], zero[expert]
-    codes = ops.convert(_u4_constant(part), ov.Type.f16)
-    shifted = ops.subtract(codes, ops.convert(_u4_constant(zero), ov.Type.f16))
+        scale = scale[expert]
+        zero = None if zero is None else zero[expert]
+    if zero is None:  # int4-sym
+        shifted = ops.convert(_u4_constant(((part - SYM_ZERO) & 0x0F).astype(np.uint8), ov.Type.i4), ov.Type.f16)
+    else:
+        codes = ops.convert(_u4_constant(part), ov.Type.f16)
+        shifted = ops.subtract(codes, ops.convert(_u4_constant(zero), ov.Type.f16))
     scaled = ops.multiply(shifted, _const(scale))
     out_major = [*part.shape[:-2], part.shape[-2] * part.shape[-1]]  # groups folded back into `in`
     return ops.convert(ops.reshape(scaled, _i64(out_major), False), ov.Type.f32).output(0)
@@ -294,7 +314,8 @@ def _dequantized(weights: LayerWeights, name: str) -> np.ndarray:
     if weights.weight_type == "f16":
         return array.astype(np.float32)
     scale, zero = weights.scales[name]
-    values = (array.astype(np.float32) - zero.astype(np.float32)) * scale.astype(np.float32)
+    zero = np.float32(SYM_ZERO) if zero is None else zero.astype(np.float32)
+    values = (array.astype(np.float32) - zero) * scale.astype(np.float32)
     return values.reshape(*array.shape[:-2], -1)
 
 

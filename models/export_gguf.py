@@ -171,10 +171,10 @@ def hf_layer_weights(folder: Path, weight_type: str = "f16") -> LayerWeights:
         return LayerWeights(shape, "f16", *mats, router)
     scales, packed = {}, []
     for name, w in zip(("gate", "up", "down"), mats, strict=True):
-        q, scale, zero = _quantize_int4(w)
+        q, scale, zero = _quantize_int4(w, symmetric=weight_type == "int4-sym")
         scales[name] = (scale, zero)
         packed.append(q)
-    return LayerWeights(shape, "int4", *packed, router, scales)
+    return LayerWeights(shape, weight_type, *packed, router, scales)
 
 
 def main() -> None:
