@@ -15,8 +15,8 @@ before each form through /proc/self/clear_refs).
 Builds the layer (models/bench_models.py) as the per-expert loop an optimum-intel 1.x export holds (F1) and
 as the tiled form OpenVINO's CPU plugin runs natively as GatherMatmul (F2), fuses the loop into FusedExperts
 (moe_fusion.fuse; f16 or NNCF-style int4 weights, asymmetric or `int4-sym`, which stay compressed) and lowers
-it to each target (moe_fusion.lower; `auto`, the default, is resolved for this CPU and labelled with the form it chose; a
-target it coincides with is timed once), builds ONNX Runtime's `com.microsoft.MoE` (f32 weights) or `QMoE`
+it to each target (moe_fusion.lower; `auto`, the default, is resolved for this CPU and labelled with the form it
+chose; a target it coincides with is timed once), builds ONNX Runtime's `com.microsoft.MoE` (f32 weights) or `QMoE`
 (int4) layer (benchmarks/ort_moe.py), all in this one run, and prints per form: compile time, prefill (T=128,
 and 512 at Qwen3) and decode (T=1)
 latency (decode: 8 distinct tokens one after another per round, so routing changes every step as in generation;
