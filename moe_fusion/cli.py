@@ -13,6 +13,7 @@ import click
 from moe_fusion import __version__
 from moe_fusion.catalogue import CatalogueError
 from moe_fusion.checking import FUSED_EXPERTS_MODES, MODES, check
+from moe_fusion.convert import WEIGHT_FORMATS
 from moe_fusion.explain import explain as explained
 from moe_fusion.explain import text as explanation_text
 from moe_fusion.explain import to_json as explanation_json
@@ -135,8 +136,9 @@ def lower_command(input_path, output, target, precision, force, in_place) -> Non
 @main.command("convert")
 @click.argument("hf_dir", metavar="HF_MODEL_DIR", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Output folder.")
-@click.option("--weight-format", type=click.Choice(("fp32", "fp16", "int8", "int4")), default="fp32",
-              show_default=True, help="Weights of the written model (int8/int4: NNCF).")
+@click.option("--weight-format", type=click.Choice(WEIGHT_FORMATS), default="fp32", show_default=True,
+              help="Weights of the written model (int8/int4: NNCF; int4-sym: symmetric int4, as optimum-cli's "
+                   "--sym, faster decode on CPUs without AMX).")
 @click.option("--lower", "lower_target", type=click.Choice(TARGETS), default=DEFAULT_TARGET, show_default=True,
               help="Lower FusedExperts to native ops for TARGET.")
 @click.option("--no-lower", is_flag=True, help="Keep FusedExperts (the folder then needs moe-fusion to run).")

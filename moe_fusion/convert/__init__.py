@@ -13,7 +13,7 @@ from typing import Any
 
 __all__ = ["WEIGHT_FORMATS", "convert", "convert_model"]
 
-WEIGHT_FORMATS = ("fp32", "fp16", "int8", "int4")
+WEIGHT_FORMATS = ("fp32", "fp16", "int8", "int4", "int4-sym")
 
 
 def convert(hf_dir, out, *, weight_format: str = "fp32", lower: str | None = "auto", force: bool = False,

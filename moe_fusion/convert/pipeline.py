@@ -60,8 +60,9 @@ def convert(hf_dir: str | Path, out: str | Path, *, weight_format: str = "fp32",
             force: bool = False, progress: Progress | None = None) -> ConvertReport:
     """Convert the Hugging Face MoE folder `hf_dir` into the openvino-genai folder `out`.
 
-    `weight_format`: fp32 | fp16 | int8 | int4 (NNCF for int8/int4; see weights.py). `lower`: a lowering
-    target (moe_fusion.lower.TARGETS; "auto" by default) or None to keep FusedExperts (needs moe-fusion to run).
+    `weight_format`: fp32 | fp16 | int8 | int4 | int4-sym (NNCF for the last three; see weights.py). `lower`: a
+    lowering target (moe_fusion.lower.TARGETS; "auto" by default) or None to keep FusedExperts (needs moe-fusion to
+    run).
     Raises InputError on input that cannot be converted and ConversionError when the converted model is not
     proven equal to the torch model; OUT is then not written."""
     from moe_fusion.convert import WEIGHT_FORMATS

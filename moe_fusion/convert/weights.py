@@ -8,7 +8,8 @@
   f32: `to_fp16`), then fuse: the per-block proof runs on the f16 weights, and the fused experts keep them
   compressed.
 - int8 / int4 (NNCF, data-free, as `optimum-cli export openvino --weight-format int8|int4` does by default:
-  int8 asymmetric per channel; int4 asymmetric, group 128, ratio 1, embeddings and lm_head int8): NNCF
+  int8 asymmetric per channel; int4 asymmetric, group 128, ratio 1, embeddings and lm_head int8; int4-sym as
+  `--weight-format int4 --sym`: no zero points, decodes faster on CPUs without AMX, docs/lowering.md): NNCF
   compresses MatMul weights, but not the traced `batched_mm` form's stacked weights, which reach their
   MatMuls through a per-token Gather. So: fuse (proven at f32) -> lower to the `tiled` form (the
   `[E, out, in]` weights feed batched MatMuls, as in optimum-intel's exports) -> NNCF -> fuse again (proven on
@@ -32,6 +33,7 @@ from moe_fusion.reference import bf16_to_f32
 INT4_GROUP = 128
 MIN_GROUP = 16
 COMPRESSED = {ov.Type.u8: "int8", ov.Type.i8: "int8", ov.Type.u4: "int4", ov.Type.i4: "int4"}
+NNCF_FORMATS = ("int8", "int4", "int4-sym")
 
 
 F16_MAX = 65504.0
@@ -112,8 +114,8 @@ def nncf_compress(model: ov.Model, weight_format: str) -> ov.Model:
         return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
     advanced = AdvancedCompressionParameters(group_size_fallback_mode=nncf.GroupSizeFallbackMode.ADJUST,
                                              min_adjusted_group_size=MIN_GROUP)
-    return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT4_ASYM, group_size=INT4_GROUP, ratio=1.0,
-                                 advanced_parameters=advanced)
+    mode = nncf.CompressWeightsMode.INT4_SYM if weight_format == "int4-sym" else nncf.CompressWeightsMode.INT4_ASYM
+    return nncf.compress_weights(model, mode=mode, group_size=INT4_GROUP, ratio=1.0, advanced_parameters=advanced)
 
 
 def expert_weights(model: ov.Model) -> Counter:
@@ -142,7 +144,7 @@ def fuse_and_compress(model: ov.Model, weight_format: str, fuse: Callable) -> tu
         notes.append("fp16: every weight matrix stored as f16 (decompressed at run time); vectors stay f32")
     elif weight_format == "fp32":
         restore(model, ov.Type.f32)
-    if weight_format not in ("int8", "int4"):
+    if weight_format not in NNCF_FORMATS:
         report = fuse(model)
         kinds = expert_weights(model)
         notes.append(f"{weight_format}: the fused experts' stacked weights are "
@@ -162,8 +164,8 @@ def fuse_and_compress(model: ov.Model, weight_format: str, fuse: Callable) -> tu
     kinds = expert_weights(model)
     notes.append(f"{weight_format} (NNCF): the fused experts' stacked weights are "
                  + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())))
-    if weight_format == "int4" and kinds.get("int8"):
-        notes.append(f"int4: {kinds['int8']} stacked expert weights have input channels no int4 group of "
+    if weight_format.startswith("int4") and kinds.get("int8"):
+        notes.append(f"{weight_format}: {kinds['int8']} stacked expert weights have input channels no int4 group of "
                      f"{MIN_GROUP}..{INT4_GROUP} divides; NNCF stored them int8 (its backup mode)")
     uncompressed = sum(n for k, n in kinds.items() if k not in ("int4", "int8"))
     if uncompressed:
