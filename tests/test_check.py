@@ -27,6 +27,7 @@ from moe_fusion.cli import main
 from moe_fusion.facts import is_stateful, vocab_size, weight_type
 from moe_fusion.fusing import fuse
 from moe_fusion.io import InputError, load, save
+from moe_fusion.runtime import Runner, run_config
 from moe_fusion.testing import assert_equivalent
 
 FIXTURES = Path(__file__).resolve().parent.parent / "models" / "fixtures"
@@ -86,6 +87,17 @@ def test_identical_models_agree_exactly_and_report_every_step():
     ]  # fmt: skip
     assert [o.shape for o in report.outputs][:2] == [[1, 2, 256], [1, 1, 256]]
     assert all(o.cosine == pytest.approx(1.0) for o in report.outputs)
+
+
+def test_f32_runs_keep_the_kv_cache_f32():
+    """check's f32 configuration compiles a stateful model with an f32 KV cache. Without asking, the CPU plugin
+    keeps it u8 or f16 (f16 here, u8 for deploy-glm4moe) even with INFERENCE_PRECISION_HINT=f32: a 1e-8
+    summation-order difference upstream of a layer's K/V then rounds a cached value to the next step of that
+    format, and the first decode step differs by 1e-4 of the logits' scale (a fused fuzz mutant called
+    WRONG: test_fuzz.py)."""
+    runner = Runner(load(MIXTRAL), "CPU", run_config("CPU"))
+    for name in ("KV_CACHE_PRECISION", "KEY_CACHE_PRECISION", "VALUE_CACHE_PRECISION"):
+        assert runner.compiled.get_property(name) == ov.Type.f32, name
 
 
 def test_f16_weights_get_f16_tolerances_and_still_pass(tmp_path):

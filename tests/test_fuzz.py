@@ -236,3 +236,17 @@ def test_hidden_states_tiled_otherwise_are_declined(fixture):
     report = fuse(model)
     assert [b.status for b in report.blocks] == ["fused", "skipped"], report.table()
     assert "hidden states tiled [1, 8], not once per expert along tokens" in report.blocks[1].reason
+
+
+def test_decode_through_a_u8_kv_cache_is_not_a_wrong_fusion():
+    """deploy-glm4moe with layer 1's group-score TopK mode=min (its values only reach the group sum): fused,
+    and the per-block proof passed, yet check called it WRONG at the first decode step (8.2e-5 > 5.5e-5 of
+    the logits). Not ties (the TopK's indices are unused; both sides select the same groups and experts at
+    every step): the CPU plugin kept the KV cache u8 under check's f32 configuration, and a 1e-8
+    summation-order difference of layer 0's FusedExperts rounded one cached V value of layer 1 to the next
+    u8 step (1.9e-3). check now runs the cache f32: 1.8e-7."""
+    found = mutant(777013, 67)
+    assert found.fixture == "deploy-glm4moe" and found.operator == "topk", found.name
+    assert "layers.1.mlp.gate/aten::topk/TopK'" in found.description and found.description.endswith("mode=min")
+    verdict = judge(found, tokens=(1, 16), steps=1)
+    assert verdict.outcome == "fused", (verdict.outcome, verdict.detail)
