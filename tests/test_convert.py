@@ -93,7 +93,8 @@ def test_compressed_formats_keep_the_experts_compressed(qwen3_dir, tmp_path, wei
     report = convert(qwen3_dir, out, weight_format=weight_format, lower="tiled")
     assert len(report.fuse.fused) == 2
     model = ov.Core().read_model(out / "openvino_model.xml")
-    stored = {"fp16": {ov.Type.f16}, "int4": {ov.Type.u4, ov.Type.u8}, "int4-sym": {ov.Type.i4, ov.Type.u8}}[weight_format]
+    stored = {"fp16": {ov.Type.f16}, "int4": {ov.Type.u4, ov.Type.u8},
+              "int4-sym": {ov.Type.i4, ov.Type.u8}}[weight_format]
     stacked = [op for op in model.get_ops() if op.get_type_name() == "Constant" and
                len(op.get_output_shape(0)) >= 3 and op.get_output_shape(0)[0] == 8 and
                op.get_output_element_type(0) in stored]

@@ -24,10 +24,10 @@ import numpy as np
 import openvino as ov
 import torch
 
-RELATIVE_TOLERANCE = 1e-4
-# The CPU plugin stores a stateful model's KV cache quantised to u8 by default (~1e-3 logit error at one
-# token): the proof compares the conversion, not the runtime's cache format, so the cache stays f32 too.
-F32 = {"INFERENCE_PRECISION_HINT": "f32", "DYNAMIC_QUANTIZATION_GROUP_SIZE": "0", "KV_CACHE_PRECISION": "f32"}
+from moe_fusion.runtime import F32
+
+RELATIVE_TOLERANCE = 1e-4  # compiled with runtime.F32: f32 activations and KV cache (the proof compares the
+# conversion, not the runtime's u8 cache format: ~1e-3 logit error at one token)
 STEPS = 3
 
 
