@@ -29,10 +29,13 @@ F32 = {"INFERENCE_PRECISION_HINT": "f32", "DYNAMIC_QUANTIZATION_GROUP_SIZE": "0"
 
 
 def run_config(device: str, precision: str = "f32") -> dict[str, str]:
-    config = {"INFERENCE_PRECISION_HINT": precision}
-    if device == "CPU" and precision == "f32":
-        config = dict(F32)
-    return config
+    """The configuration a comparison compiles with: `precision` for the activations and, on CPU, the KV cache
+    in that precision too (a u8 cache would add its own rounding to what `check --precision` asks about)."""
+    if device != "CPU":
+        return {"INFERENCE_PRECISION_HINT": precision}
+    if precision == "f32":
+        return dict(F32)
+    return {"INFERENCE_PRECISION_HINT": precision, "KV_CACHE_PRECISION": precision}
 
 
 

@@ -100,6 +100,14 @@ def test_f32_runs_keep_the_kv_cache_f32():
         assert runner.compiled.get_property(name) == ov.Type.f32, name
 
 
+def test_a_check_at_bf16_keeps_the_kv_cache_bf16():
+    """`check --precision bf16` compares at bf16: the cache is bf16 too, not the plugin's u8/f16 default."""
+    runner = Runner(load(MIXTRAL), "CPU", run_config("CPU", "bf16"))
+    assert runner.compiled.get_property("INFERENCE_PRECISION_HINT") == ov.Type.bf16
+    for name in ("KEY_CACHE_PRECISION", "VALUE_CACHE_PRECISION"):
+        assert runner.compiled.get_property(name) == ov.Type.bf16, name
+
+
 def test_f16_weights_get_f16_tolerances_and_still_pass(tmp_path):
     """f16-compressed weights (behind decompression Converts) fuse and check with the f16 defaults."""
     ov.save_model(load(MIXTRAL), tmp_path / "f16.xml", compress_to_fp16=True)
