@@ -32,18 +32,18 @@ exceeds MemAvailable, e.g. Mixtral's 2.8 GB of f16 experts): compile a form, tim
 form; still all in one run, but load changes between forms land on one form only (the log prints the load
 average after each). The FusedExperts numpy kernel (`--reference`) is timed on its own either way, with 3 rounds.
 
-llama.cpp as a peer (benchmarks/peer_llamacpp.py): with `--peer-dir DIR` (written by models/export_gguf.py)
-the layer's router and experts are read from DIR's Hugging Face folder (the Qwen3 shape; f16 = its bf16
-values exactly, int4 = those quantised here), and with `--llama-bench PATH` (or $LLAMA_BENCH) llama-bench
-times DIR's GGUF of the same weights (BF16 for f16, Q4_0 for int4 and int4-sym; the one-attention-head model,
-the MoE nearly alone, and the Qwen3-30B-A3B-attention one) with as many threads as OpenVINO uses, one llama-bench
-invocation of --llama-reps repetitions (after its warm-up) per GGUF after every round of the forms: in interleaved mode
-after each round of all forms, one at a time after each round of the form being timed. Each form is thus
-paired with the llama.cpp samples taken during its own rounds, so load from other processes lands on both
-sides of a ratio alike. llama.cpp's rows: prefill and decode medians over all its invocations of the run,
-memory = the llama-bench process's peak RSS; a last table compares each form's decode and prefill with
-llama.cpp's paired samples and its memory with the stored weights (issue 19: decode <= 1.1x llama.cpp at the
-same weight type, memory <= 1.5x the stored weights).
+llama.cpp as a peer (benchmarks/peer_llamacpp.py): with `--peer-dir DIR` (written by models/export_gguf.py) the
+layer's router and experts are read from DIR's Hugging Face folder of --layer (qwen3moe-1l or mixtral-1l; f16 =
+its bf16 values exactly, int4 = those quantised here), and with `--llama-bench PATH` (or $LLAMA_BENCH)
+llama-bench times DIR's GGUF of the same weights (BF16 for f16, Q4_0 for int4 and int4-sym; the
+one-attention-head model, the MoE nearly alone, and the one with the model's own attention) with as many threads
+as OpenVINO uses, one llama-bench invocation of --llama-reps repetitions (after its warm-up) per GGUF after
+every round of the forms: in interleaved mode after each round of all forms, one at a time after each round of
+the form being timed. Each form is thus paired with the llama.cpp samples taken during its own rounds, so load
+from other processes lands on both sides of a ratio alike. llama.cpp's rows: prefill and decode medians over all
+its invocations of the run, memory = the llama-bench process's peak RSS; a last table compares each form's
+decode and prefill with llama.cpp's paired samples and its memory with the stored weights (issue 19: decode <=
+1.1x llama.cpp at the same weight type, memory <= 1.5x the stored weights).
 """
 
 from __future__ import annotations
@@ -70,8 +70,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.ort_moe import OrtForm, ort_moe_model
 from benchmarks.peer_llamacpp import Peer, llama_bench_path
 from models.bench_models import SHAPES, WEIGHT_TYPES, LayerWeights, layer_weights, loop_layer, tiled_layer
-from models.export_gguf import NAME as GGUF_NAME
-from models.export_gguf import hf_layer_weights
+from models.export_gguf import folder_name, hf_layer_weights
 from moe_fusion import host
 from moe_fusion.compressed import mark_decompression
 from moe_fusion.fusing import fuse
@@ -389,8 +388,6 @@ def main() -> None:
                         help="llama-bench repetitions (-r) per invocation; one invocation per GGUF after every round")
     args = parser.parse_args()
     shape = SHAPES[args.layer]
-    if args.peer_dir and args.layer != "qwen3":
-        parser.error("--peer-dir holds the Qwen3 layer only")
     config = {} if args.precision == "default" else {"INFERENCE_PRECISION_HINT": args.precision}
     if args.profile:
         config["PERF_COUNT"] = True
@@ -407,9 +404,12 @@ def main() -> None:
     threads = os.cpu_count() or 1
     bandwidth_all = read_bandwidth(threads=threads)
     if args.peer_dir:
-        weights = hf_layer_weights(args.peer_dir / GGUF_NAME, args.weights)
+        folder = args.peer_dir / folder_name(args.layer)
+        if not (folder / "config.json").is_file():
+            parser.error(f"--peer-dir: {folder} missing (models/export_gguf.py --layer {args.layer} writes it)")
+        weights = hf_layer_weights(folder, args.weights)
         shape = weights.shape
-        print(f"weights: router and experts of {args.peer_dir / GGUF_NAME} ({args.weights})", flush=True)
+        print(f"weights: router and experts of {folder} ({args.weights})", flush=True)
     else:
         weights = layer_weights(shape, args.weights)
     expert_bytes = weights.expert_bytes()
@@ -540,10 +540,11 @@ def _peers(args: argparse.Namespace, prefills: list[int], threads: int) -> list[
         print("llama.cpp: not timed (no --peer-dir; models/export_gguf.py writes the GGUF files)", flush=True)
         return []
     kind = "bf16" if args.weights == "f16" else "q4_0"
-    models = [args.peer_dir / f"{GGUF_NAME}{variant}-{kind}.gguf" for variant in ("-attn1", "")]
+    models = [args.peer_dir / f"{folder_name(args.layer)}{variant}-{kind}.gguf" for variant in ("-attn1", "")]
     missing = [m for m in models if not m.is_file()]
     if missing:
-        raise SystemExit(f"llama.cpp: {', '.join(map(str, missing))} missing (models/export_gguf.py writes them)")
+        raise SystemExit(f"llama.cpp: {', '.join(map(str, missing))} missing (models/export_gguf.py --layer "
+                         f"{args.layer} writes them)")
     peers = [Peer(binary, model, prefills, threads) for model in models]
     print(f"llama.cpp: {binary}, {threads} threads: " + ", ".join(f"{m.name} {m.stat().st_size / 1e9:.2f} GB"
                                                                    for m in models), flush=True)
@@ -589,7 +590,7 @@ def _peer_targets(rows: list[Row], peer_rows: list[Row], peers: list[Peer], stor
           f"(llama.cpp's rows: against all of them). stored: our experts as stored {stored_gb:.2f} GB; "
           + ", ".join(f"{p.label} GGUF {p.stored_gb():.2f} GB" for p in peers)
           + ". Targets: decode <= 1.10x llama.cpp's 1-head-attention GGUF (the MoE nearly alone; the 32-head one "
-          "adds Qwen3-30B-A3B's attention, which our forms lack), memory <= 1.50x stored.")
+          "adds the model's own attention, which our forms lack), memory <= 1.50x stored.")
 
 
 if __name__ == "__main__":

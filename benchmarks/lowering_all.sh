@@ -3,15 +3,16 @@
 # the default `auto`, hybrid, per-expert, cpu), each configuration as one run under the benchmark lock the
 # shared machine's sessions use (timed runs are exclusive; large ones also take the memory lock), then the
 # deployed runtime memory of each form (benchmarks/deployed_memory.py). With LLAMA_BENCH (llama.cpp's
-# llama-bench) and PEER_DIR (models/export_gguf.py's output) set, the Qwen3 runs also time llama.cpp on the
-# same weights (benchmarks/peer_llamacpp.py) and build the layer from PEER_DIR's Hugging Face folder.
+# llama-bench) and PEER_DIR (models/export_gguf.py's output, --layer qwen3 and mixtral) set, every run also
+# times llama.cpp on the same weights (benchmarks/peer_llamacpp.py) and builds the layer from PEER_DIR's Hugging
+# Face folder.
 set -e
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 for config in "qwen3 f16" "qwen3 int4" "mixtral f16" "mixtral int4"; do
     set -- $config
     peer=""
-    if [ "$1" = qwen3 ] && [ -n "${LLAMA_BENCH:-}" ] && [ -n "${PEER_DIR:-}" ]; then
+    if [ -n "${LLAMA_BENCH:-}" ] && [ -n "${PEER_DIR:-}" ]; then
         peer="--peer-dir $PEER_DIR --llama-bench $LLAMA_BENCH"
     fi
     echo "== $1 $2 ($(date -u +%H:%M) UTC, load $(cut -d' ' -f1 /proc/loadavg))"

@@ -4,8 +4,8 @@ same run as the OpenVINO forms.
     python benchmarks/peer_llamacpp.py MODEL.gguf [--llama-bench PATH] [--prefill 128,512] [--runs 5]
 
 The binary comes from `--llama-bench PATH` or the environment variable LLAMA_BENCH (none: not timed). The
-GGUF files (BF16 and Q4_0 of a one-layer Qwen3-MoE whose experts are the ones lowering.py builds its forms
-from) are written by models/export_gguf.py. One invocation runs
+GGUF files (BF16 and Q4_0 of a one-layer Qwen3-MoE or Mixtral whose experts are the ones lowering.py builds its
+forms from) are written by models/export_gguf.py. One invocation runs
 
     llama-bench -m MODEL -t THREADS -p 128[,512] -n 16 -embd 1 -r R -o json
 
@@ -19,7 +19,8 @@ is repacked for AVX-512 by default) and the compute buffers).
 
 What llama.cpp times is the whole one-layer model: token embedding, attention (with its KV cache), the MoE
 (router + experts), norms and output; the OpenVINO forms are the MoE alone. models/export_gguf.py therefore
-also writes a variant with one attention head (`-attn1`), whose attention weighs 2 MB instead of 38 MB.
+also writes a variant with one attention head (`-attn1`), whose attention weighs 2 MB instead of 38 MB
+(Qwen3-30B-A3B's) or 84 MB (Mixtral-8x7B's).
 """
 
 from __future__ import annotations
