@@ -1,6 +1,6 @@
-"""`moe-fusion convert` itself: needs torch and transformers (skipped where they are missing, and then not
-counted as run). Tiny random Hugging Face folders are made here (no hub); tests/test_convert_fixtures.py covers
-the committed converted folders without torch.
+"""`moe-fusion convert` itself: needs torch and transformers (the test extra installs them; skipped where they
+are missing, and then not counted as run). Tiny random Hugging Face folders are made here (no hub);
+tests/test_convert_fixtures.py covers the committed converted folders without torch.
 """
 
 import json
