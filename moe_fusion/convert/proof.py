@@ -24,6 +24,7 @@ import numpy as np
 import openvino as ov
 import torch
 
+from moe_fusion.convert.trace import cache_argument, returned_cache
 from moe_fusion.runtime import F32
 
 RELATIVE_TOLERANCE = 1e-4  # compiled with runtime.F32: f32 activations and KV cache (the proof compares the
@@ -81,7 +82,7 @@ def _torch_case(model: torch.nn.Module, ids: np.ndarray, mask: np.ndarray) -> li
     with torch.no_grad():
         out = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
                     position_ids=torch.from_numpy(positions), use_cache=True)
-    cache, want = out.past_key_values, out.logits.float().numpy()
+    cache, want = returned_cache(out), out.logits.float().numpy()
     steps = [Step(f"prefill of {ids.shape[1]}", {"input_ids": ids, "attention_mask": mask,
                                                  "position_ids": positions, "beam_idx": beam},
                   want, mask.astype(bool))]
@@ -92,8 +93,8 @@ def _torch_case(model: torch.nn.Module, ids: np.ndarray, mask: np.ndarray) -> li
         positions = np.concatenate([positions, position], axis=1)
         with torch.no_grad():
             out = model(input_ids=torch.from_numpy(token), attention_mask=torch.from_numpy(mask),
-                        position_ids=torch.from_numpy(position), past_key_values=cache, use_cache=True)
-        cache, want = out.past_key_values, out.logits.float().numpy()
+                        position_ids=torch.from_numpy(position), **cache_argument(model, cache), use_cache=True)
+        cache, want = returned_cache(out), out.logits.float().numpy()
         steps.append(Step(f"decode step {step}", {"input_ids": token, "attention_mask": mask,
                                                   "position_ids": position, "beam_idx": beam},
                           want, np.ones(token.shape, bool)))

@@ -18,6 +18,7 @@ Why it is built this way:
 from __future__ import annotations
 
 import contextlib
+import inspect
 import warnings
 from dataclasses import dataclass
 
@@ -63,11 +64,23 @@ def filled_cache(past: list[torch.Tensor]) -> DynamicCache:
     return cache
 
 
+def cache_argument(model: torch.nn.Module, cache) -> dict:
+    """The cache as `model`'s forward takes it: `cache=` from transformers 5.24 (where `past_key_values=` is
+    deprecated, to be removed in 5.40), `past_key_values=` before."""
+    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
+
+
+def returned_cache(out):
+    """The cache a forward returned: `out.cache` from transformers 5.24, `out.past_key_values` before."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
 def cache_layout(model: torch.nn.Module) -> CacheLayout:
     """The cache transformers builds for this model, read from a 2-token eager run."""
     ids = torch.zeros((1, 2), dtype=torch.long)
     with torch.no_grad():
-        cache = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True).past_key_values
+        cache = returned_cache(model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True))
     keys, values = [], []
     for i, layer in enumerate(cache.layers):
         key, value = getattr(layer, "keys", None), getattr(layer, "values", None)
@@ -89,9 +102,9 @@ class WithCache(torch.nn.Module):
     def forward(self, input_ids, attention_mask, position_ids, *past):
         cache = filled_cache(list(past))
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=cache, use_cache=True)
+                         **cache_argument(self.model, cache), use_cache=True)
         present = []
-        for layer in out.past_key_values.layers:
+        for layer in returned_cache(out).layers:
             present += [layer.keys, layer.values]
         return (out.logits, *present)
 
