@@ -37,6 +37,7 @@ from moe_fusion.lower import (
     DEFAULT_TARGET,
     GROUPED,
     HYBRID,
+    HYBRID_HINT,
     PER_EXPERT,
     PER_EXPERT_MAX_NODE_SHARE,
     RT_INFO,
@@ -44,6 +45,7 @@ from moe_fusion.lower import (
     TILED,
     Block,
     CpuFacts,
+    LowerReport,
     choose_form,
     decide,
     fused_experts_nodes,
@@ -448,6 +450,9 @@ def test_auto_keeps_one_packed_copy_for_compressed_weights(layer):
     for cpu in (NO_AMX, NO_AMX_BF16, AMX_F32):
         form, reason = decide(block, cpu)
         assert form == PER_EXPERT and ("int8/int4" in reason) == (layer == "qwen3")  # mixtral: by shape
+        # the trade left on the table is said where users read it, the lowering summary
+        summary = LowerReport(AUTO, {"block": form}, reasons={form: reason}, cpu=cpu).summary()
+        assert (HYBRID_HINT in summary) == (layer == "qwen3")
     assert decide(block, AMX)[0] == CPU
     assert decide(replace(block, compressed=False), NO_AMX_BF16)[0] == REAL_SHAPES[layer]
 

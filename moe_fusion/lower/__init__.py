@@ -46,6 +46,7 @@ from moe_fusion.lower.policy import (
     FUSED_EXPERTS,
     GROUPED,
     HYBRID,
+    HYBRID_HINT,
     PER_EXPERT,
     PER_EXPERT_MAX_NODE_SHARE,
     TARGETS,
@@ -60,9 +61,9 @@ from moe_fusion.lower.policy import (
 from moe_fusion.lower.tiled import tiled, tiled_reason
 
 __all__ = [
-    "AUTO", "CPU", "DEFAULT_TARGET", "FUSED_EXPERTS", "GROUPED", "HYBRID", "PER_EXPERT", "PER_EXPERT_MAX_NODE_SHARE",
-    "RT_INFO", "TARGETS", "TILED", "Block", "CpuFacts", "LowerError", "LowerReport", "choose_form", "decide",
-    "fused_experts_nodes", "lower", "tiled_reason", "weight_bytes",
+    "AUTO", "CPU", "DEFAULT_TARGET", "FUSED_EXPERTS", "GROUPED", "HYBRID", "HYBRID_HINT", "PER_EXPERT",
+    "PER_EXPERT_MAX_NODE_SHARE", "RT_INFO", "TARGETS", "TILED", "Block", "CpuFacts", "LowerError", "LowerReport",
+    "choose_form", "decide", "fused_experts_nodes", "lower", "tiled_reason", "weight_bytes",
 ]
 
 RT_INFO = "moe_fusion"  # the lowered model's rt_info: moe_fusion/lowering/{target,forms,reason,cpu,decode_weights}
@@ -83,8 +84,9 @@ class LowerReport:
         chosen = f"; {self.cpu.describe()}" if self.cpu else ""
         stored = (f"; hybrid decode weights stored {self.decode_weights} (what {self.decode_weights} inference "
                   f"computes with; to verify at another precision, lower for it)") if self.decode_weights else ""
+        hint = f"; {HYBRID_HINT}" if any(HYBRID_HINT in why for why in self.reasons.values()) else ""
         return (f"{len(self.lowered)} FusedExperts lowered for {self.target} ({forms or 'none'}{chosen}) "
-                f"in {self.seconds:.2f} s{stored}")
+                f"in {self.seconds:.2f} s{stored}{hint}")
 
 
 def fused_experts_nodes(model: ov.Model) -> list[ov.Node]:
