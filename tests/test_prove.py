@@ -229,3 +229,21 @@ def test_a_compressed_original_decompressed_op_by_op_proves_and_rejects_faults(f
         bad = faulty(fused, GEMM3_FAULTS[fault])
         proof = prove(block, bad, bad.output(0))
         assert not proof.ok and proof.reason.startswith("outputs differ on"), (fault, proof.reason)
+
+
+def test_a_proof_that_cannot_start_leaves_nothing_in_tmpdir(tmp_path, monkeypatch):
+    """Writing the cut model can fail (a full disk, Ctrl-C): the proof's scratch folder goes with it."""
+    import tempfile
+
+    from moe_fusion.proof import protocol
+
+    _model, block = first_block("gen1-mixtral")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+    def full_disk(*_args, **_kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(protocol, "_send", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        protocol.begin(block)
+    assert list(tmp_path.iterdir()) == []

@@ -104,11 +104,15 @@ def begin(block: MoEBlock, seed: int = 0) -> Pending | Proof:
     if compressed and _op_by_op_holds_less(block):
         modes[0] = COMPRESSED_ORIGINAL_OP_BY_OP
     folder = tempfile.mkdtemp(prefix="moe-fusion-proof-")
-    arrays = {f"{r}_{i}": array for r, run in enumerate(runs) for i, array in enumerate(run)}
-    np.savez(Path(folder) / "feeds.npz", runs=len(runs), **{f"{r}_count": len(run) for r, run in enumerate(runs)},
-             **arrays)
-    pending = Pending(block, proof, sides.forced, batches, folder, modes, target)
-    _send(pending, 0, "original", sides.original, None)
+    try:
+        arrays = {f"{r}_{i}": array for r, run in enumerate(runs) for i, array in enumerate(run)}
+        np.savez(Path(folder) / "feeds.npz", runs=len(runs),
+                 **{f"{r}_count": len(run) for r, run in enumerate(runs)}, **arrays)
+        pending = Pending(block, proof, sides.forced, batches, folder, modes, target)
+        _send(pending, 0, "original", sides.original, None)
+    except BaseException:  # a full disk, Ctrl-C: nothing started, so nothing of this proof may stay in TMPDIR
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
     return pending
 
 
