@@ -149,9 +149,9 @@ def _quantize_int4(w: np.ndarray, symmetric: bool = False) -> tuple[np.ndarray, 
     return codes, scale.astype(np.float16), zero.astype(np.uint8)
 
 
-def _u4_constant(codes: np.ndarray, kind: ov.Type = ov.Type.u4) -> ov.Output:
-    """A u4 Constant from codes 0..15 (one per byte): packed two per byte, low nibble first. i4: the codes are
-    the two's-complement nibbles (int4-sym: (code - 8) & 15)."""
+def _nibble_constant(codes: np.ndarray, kind: ov.Type = ov.Type.u4) -> ov.Output:
+    """A u4 (or i4) Constant from codes 0..15 (one per byte): packed two per byte, low nibble first. i4: the
+    codes are the two's-complement nibbles (int4-sym: (code - 8) & 15)."""
     flat = codes.reshape(-1)
     packed = (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8)
     tensor = ov.Tensor(kind, ov.Shape(list(codes.shape)))
@@ -178,10 +178,10 @@ def _matrix(weights: LayerWeights, name: str, expert: int | None) -> ov.Output:
         scale = scale[expert]
         zero = None if zero is None else zero[expert]
     if zero is None:  # int4-sym
-        shifted = ops.convert(_u4_constant(((part - SYM_ZERO) & 0x0F).astype(np.uint8), ov.Type.i4), ov.Type.f16)
+        shifted = ops.convert(_nibble_constant(((part - SYM_ZERO) & 0x0F).astype(np.uint8), ov.Type.i4), ov.Type.f16)
     else:
-        codes = ops.convert(_u4_constant(part), ov.Type.f16)
-        shifted = ops.subtract(codes, ops.convert(_u4_constant(zero), ov.Type.f16))
+        codes = ops.convert(_nibble_constant(part), ov.Type.f16)
+        shifted = ops.subtract(codes, ops.convert(_nibble_constant(zero), ov.Type.f16))
     scaled = ops.multiply(shifted, _const(scale))
     out_major = [*part.shape[:-2], part.shape[-2] * part.shape[-1]]  # groups folded back into `in`
     return ops.convert(ops.reshape(scaled, _i64(out_major), False), ov.Type.f32).output(0)

@@ -20,7 +20,9 @@ writes into OUT_DIR, for `--layer qwen3` (the default):
 
 and for `--layer mixtral` the same four as mixtral-1l*: MixtralForCausalLM, 1 layer at Mixtral-8x7B's dims
 (hidden 4096, 32 query / 8 KV heads of 128, 8 experts of width 14336, top-2, renormalised), same vocab, init
-and tokenizer (2.9 GB bf16; its 32-head attention reads 84 MB per decoded token beside the 705 MB of its 2
+(but its router, `block_sparse_moe.gate`, is drawn at std 0.02 like the other weights: the 0.5 rule matches
+Qwen3's `mlp.gate` only; the GGUFs timed in docs/lowering.md were made so, and top-2 routes 2 experts a token
+either way) and tokenizer (2.9 GB bf16; its 32-head attention reads 84 MB per decoded token beside the 705 MB of its 2
 experts; the attn1 variant 2 MB). transformers 5 saves Mixtral's experts per expert, as the released
 checkpoint (`block_sparse_moe.experts.N.w1/w2/w3`: gate, down, up), Qwen3's per expert as `mlp.experts.N.*`.
 
@@ -59,7 +61,6 @@ from models.bench_models import SHAPES, LayerShape, LayerWeights, _quantize_int4
 VOCAB = 512
 # --layer -> (folder name, query / KV heads of the full model); the -attn1 variant has one of each
 LAYERS = {"qwen3": ("qwen3moe-1l", 32, 4), "mixtral": ("mixtral-1l", 32, 8)}
-NAME = LAYERS["qwen3"][0]
 _MODEL_TYPES = {"qwen3_moe": "qwen3", "mixtral": "mixtral"}  # config.json model_type -> bench_models.SHAPES
 
 
